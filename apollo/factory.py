@@ -1,0 +1,129 @@
+"""From a model and an optimizer name to an optimizer: presets, parameter groups, state accounting.
+
+`build_optimizer` is the one door the training harness (or a Hugging Face `Trainer(optimizers=...)`
+user) goes through; `param_groups` is the one function that decides which weights are low-rank.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .optimizer import APOLLO, GaLore
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER_NAMES = ("adamw", "apollo", "apollo_mini", "apollo_svd", "galore")
+ALIASES = {"apollo_adamw": "apollo", "galore_adamw": "galore"}
+
+#: Low-rank settings of each named optimizer. rank=None means "a quarter of the model's hidden size".
+PRESETS: dict[str, dict[str, Any]] = {
+    "apollo": {"rank": None, "proj": "random", "scale_type": "channel", "scale": 1.0},
+    "apollo_mini": {"rank": 1, "proj": "random", "scale_type": "tensor", "scale": 128.0},
+    "apollo_svd": {"rank": None, "proj": "svd", "scale_type": "channel", "scale": 1.0},
+    "galore": {"rank": None, "scale": 0.25},
+}
+
+# Options each optimizer understands; anything else is a mistake worth an error.
+_OPTIMIZER_KEYS = {"betas", "eps", "state_dtype", "store_projection"}
+_LOWRANK_KEYS = {
+    "apollo": {"rank", "update_proj_gap", "proj", "proj_type", "scale_type", "scale", "scale_front",
+               "norm_growth_limiter", "norm_growth_gamma", "target_modules"},
+    "galore": {"rank", "update_proj_gap", "proj_type", "scale", "target_modules"},
+}
+
+
+def canonical_name(name: str) -> str:
+    """'apollo_adamw' -> 'apollo', 'galore_adamw' -> 'galore'; ValueError for an unknown name."""
+    key = name.lower()
+    key = ALIASES.get(key, key)
+    if key not in OPTIMIZER_NAMES:
+        known = ", ".join(OPTIMIZER_NAMES + tuple(ALIASES))
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {known}")
+    return key
+
+
+def param_groups(
+    model: nn.Module, target_modules: tuple[str, ...] = ("attn", "mlp"), **lowrank_options: Any
+) -> list[dict[str, Any]]:
+    """Split a model's trainable parameters into `[regular, low_rank]` param groups.
+
+    Low-rank: the `.weight` of every `nn.Linear` whose qualified module name contains one of
+    `target_modules` (for LLaMA: q/k/v/o_proj and gate/up/down_proj). Everything else (embeddings,
+    lm_head, norms, biases) is regular. `lowrank_options` (rank, scale, ...) go into the low-rank group.
+    Every trainable parameter lands in exactly one group; the counts are logged.
+    """
+    low_rank_ids: set[int] = set()
+    low_rank: list[nn.Parameter] = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(target in module_name for target in target_modules):
+            weight = module.weight
+            if weight.requires_grad and weight.dim() == 2 and id(weight) not in low_rank_ids:
+                low_rank_ids.add(id(weight))
+                low_rank.append(weight)
+    regular = [p for p in model.parameters() if p.requires_grad and id(p) not in low_rank_ids]
+    covered = len(regular) + len(low_rank)
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert covered == trainable, f"param_groups covered {covered} of {trainable} trainable parameters"
+    logger.info(
+        "param_groups: %d low-rank tensors (%.2fM values), %d regular tensors (%.2fM values)",
+        len(low_rank), sum(p.numel() for p in low_rank) / 1e6,
+        len(regular), sum(p.numel() for p in regular) / 1e6,
+    )
+    return [
+        {"params": regular, "name": "regular"},
+        {"params": low_rank, "name": "low_rank", **lowrank_options},
+    ]
+
+
+def _default_rank(model: nn.Module) -> int:
+    """The presets' rank: a quarter of the model's hidden size."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if hidden is None:
+        raise ValueError("rank is required: the model has no config.hidden_size to take a quarter of")
+    return max(1, hidden // 4)
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any) -> torch.optim.Optimizer:
+    """Build a named optimizer over `model`'s parameters.
+
+    name: adamw | apollo | apollo_mini | apollo_svd | galore (aliases apollo_adamw, galore_adamw).
+    options (None means "the preset's value"): betas, eps, state_dtype, store_projection, and for the
+    low-rank optimizers rank, update_proj_gap, proj_type, scale, target_modules; APOLLO variants also
+    proj, scale_type, scale_front, norm_growth_limiter, norm_growth_gamma. `scale` is APOLLO's c
+    (update multiplied by sqrt(c)) or GaLore's `galore_scale`. `adamw` is `torch.optim.AdamW` over all
+    parameters with torch's defaults (eps 1e-8) unless betas/eps are given.
+    """
+    key = canonical_name(name)
+    options = {k: v for k, v in options.items() if v is not None}
+    family = "galore" if key == "galore" else "apollo" if key != "adamw" else "adamw"
+    allowed = _OPTIMIZER_KEYS | _LOWRANK_KEYS.get(family, set())
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"optimizer {key!r} does not take option(s) {', '.join(unknown)}")
+    optimizer_kwargs = {k: options.pop(k) for k in list(options) if k in _OPTIMIZER_KEYS}
+    if key == "adamw":
+        adamw_kwargs = {k: v for k, v in optimizer_kwargs.items() if k in ("betas", "eps")}
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **adamw_kwargs)
+
+    lowrank = {**PRESETS[key], **options}
+    if lowrank["rank"] is None:
+        lowrank["rank"] = _default_rank(model)
+    target_modules = tuple(lowrank.pop("target_modules", ("attn", "mlp")))
+    groups = param_groups(model, target_modules, **lowrank)
+    optimizer_class = GaLore if family == "galore" else APOLLO
+    return optimizer_class(groups, lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in `optimizer.state`: tensors at their storage size, Python ints/floats as 8 bytes."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, (int, float)):
+                total += 8
+    return total

@@ -1,0 +1,308 @@
+r"""The optimizer classes: validation, parameter groups, lazily created state, and step() bookkeeping.
+
+The math lives in `functional.py`; projections and seeds in `projection.py`.
+
+A param group that carries a ``rank`` is a *low-rank* group (2-D weights only); every other group gets
+the AdamW of the spec (epsilon on the uncorrected :math:`\sqrt{V}`, decoupled decay after the update).
+
+State per m x n low-rank weight, with L the kept dimension (max(m, n) for ``proj_type="std"``):
+
+- ``exp_avg``, ``exp_avg_sq``: the low-rank moments, r x L each (2 r L numbers);
+- ``step`` (int), ``proj_seed`` (int, random projection), ``limiter_norm`` (0-d float32, when the
+  limiter is on): the paper's "2nr + 2" (APOLLO-Mini: "2n + 2");
+- ``projection``: P itself, only for SVD projections (data-dependent) or with ``store_projection=True``.
+
+Deliberate differences from the published ``apollo-torch`` package (see ALGORITHMS.md, "[ours]"):
+
+- missing low-rank keys take the defaults in ``APOLLO.lowrank_defaults`` instead of raising KeyError;
+- channel scaling is taken along the kept dimension for every ``proj_type``;
+- a random P is regenerated from its seed instead of stored (``store_projection=True`` keeps it);
+- the state dict holds tensors and ints only (``torch.load(weights_only=True)`` works);
+- ``state_dtype="float32"`` keeps the moments in float32 for bfloat16 parameters;
+- ``rank >= min(m, n)`` is refused with a ValueError (no compression is possible there) rather than
+  silently running a full-size projection.
+"""
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from . import functional as F
+from .projection import PROJ_TYPES, advance_seed, projected_shape, projection_side, random_projection, svd_projection
+
+PROJ_KINDS = ("random", "svd")
+SCALE_TYPES = ("channel", "tensor")
+STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _state_dtype_name(state_dtype: torch.dtype | str | None) -> str | None:
+    """Normalise a state dtype to a string (kept in param groups so that state dicts stay plain)."""
+    if isinstance(state_dtype, torch.dtype):
+        state_dtype = str(state_dtype).removeprefix("torch.")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None (follow the parameter) or one of float32/bfloat16/float16, got {state_dtype!r}")
+    return state_dtype
+
+
+class _LowRankAdam(Optimizer):
+    """Shared bookkeeping for APOLLO and GaLore: hyperparameter checks, regular AdamW groups, state, seeds."""
+
+    #: Values a low-rank group takes for keys it does not set. Subclasses extend this.
+    lowrank_defaults: dict[str, Any] = {"proj_type": "std", "update_proj_gap": 200}
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        state_dtype: torch.dtype | str | None = None,
+        store_projection: bool = False,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta1: {betas[0]} (must be in [0, 1))")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta2: {betas[1]} (must be in [0, 1))")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid eps: {eps} (must be >= 0)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            state_dtype=_state_dtype_name(state_dtype),
+            store_projection=bool(store_projection),
+        )
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1
+        if not group["lr"] >= 0.0:
+            raise ValueError(f"{self._group_name(group, index)}: lr must be >= 0, got {group['lr']}")
+        group["state_dtype"] = _state_dtype_name(group["state_dtype"])
+        if group.get("rank") is not None:
+            for key, value in self.lowrank_defaults.items():
+                group.setdefault(key, value)
+            self._validate_lowrank_group(group, self._group_name(group, index))
+
+    @staticmethod
+    def _group_name(group: dict[str, Any], index: int) -> str:
+        return f"param group {group['name']!r}" if "name" in group else f"param_groups[{index}]"
+
+    def _validate_lowrank_group(self, group: dict[str, Any], name: str) -> None:
+        rank = group["rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{name}: rank must be an integer >= 1, got {rank!r}")
+        if group["proj_type"] not in PROJ_TYPES:
+            raise ValueError(f"{name}: proj_type must be one of {PROJ_TYPES}, got {group['proj_type']!r}")
+        gap = group["update_proj_gap"]
+        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+            raise ValueError(f"{name}: update_proj_gap must be an integer >= 1, got {gap!r}")
+        if not group["scale"] > 0:
+            raise ValueError(f"{name}: scale must be > 0, got {group['scale']!r}")
+        for position, param in enumerate(group["params"]):
+            if param.dim() != 2:
+                raise ValueError(
+                    f"{name}: low-rank groups take 2-D weights only; parameter {position} has shape {tuple(param.shape)}"
+                )
+            if rank >= min(param.shape):
+                raise ValueError(
+                    f"{name}: rank {rank} must be smaller than both dimensions of parameter {position} "
+                    f"(shape {tuple(param.shape)}); lower --rank or leave this weight out of the low-rank group"
+                )
+
+    # ------------------------------------------------------------------ state
+    def _state_dtype(self, group: dict[str, Any], param: torch.Tensor) -> torch.dtype:
+        return STATE_DTYPES[group["state_dtype"]] or param.dtype
+
+    def _initial_seed(self, param: torch.Tensor) -> int:
+        """1-based position of `param` counting every parameter of every group in order."""
+        position = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                position += 1
+                if p is param:
+                    return position
+        raise RuntimeError("parameter not found in this optimizer's param groups")
+
+    def _moments(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any], shape) -> None:
+        dtype = self._state_dtype(group, param)
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+
+    def _projection(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any], side: str):
+        """The P of this step: redrawn at steps 1, T+1, 2T+1, ... (pre-increment step % T == 0)."""
+        refresh = state["step"] % group["update_proj_gap"] == 0
+        rank = group["rank"]
+        if group.get("proj", "svd") == "svd":
+            if refresh or "projection" not in state:
+                state["projection"] = svd_projection(grad, rank, side)
+            return state["projection"]
+        if refresh or "proj_seed" not in state:
+            state["proj_seed"] = advance_seed(state["proj_seed"]) if "proj_seed" in state else self._initial_seed(param)
+            state.pop("projection", None)
+        if "projection" in state:
+            return state["projection"]
+        proj = random_projection(state["proj_seed"], param.shape, rank, side, device=param.device, dtype=param.dtype)
+        if group["store_projection"]:
+            state["projection"] = proj
+        return proj
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; floating state tensors keep the dtype they were saved in.
+
+        torch casts every floating state tensor to its parameter's dtype on load, which would round
+        float32 moments of a bfloat16 weight (``state_dtype="float32"``) and the float32 limiter norm.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. `closure` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            low_rank = group.get("rank") is not None
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if low_rank:
+                    self._step_low_rank(param, param.grad, group)
+                else:
+                    self._step_regular(param, param.grad, group)
+        return loss
+
+    def _step_regular(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        if not state:
+            self._moments(group, param, state, param.shape)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        F.adamw_update(
+            param, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
+            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+        )
+
+    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError  # each subclass defines its low-rank update
+
+
+class APOLLO(_LowRankAdam):
+    r"""APOLLO: AdamW-level updates with SGD-like memory (arXiv 2412.05270, Algorithm 1).
+
+    For a low-rank weight :math:`W \in \mathbb{R}^{m\times n}` with gradient :math:`G_t`:
+
+    .. math::
+        R_t &= \mathrm{project}(G_t) \quad (G_t P^\top \text{ or } P^\top G_t,\ P \text{ redrawn every } T \text{ steps})\\
+        M_t &= \beta_1 M_{t-1} + (1-\beta_1) R_t,\quad V_t = \beta_2 V_{t-1} + (1-\beta_2) R_t^2,\quad
+        \tilde R_t = M_t / (\sqrt{V_t} + \epsilon)\\
+        s &= \|\tilde R_t[j]\|_2 / (\|R_t[j]\|_2 + 10^{-8}) \text{ per kept channel } j \ (\texttt{channel}),
+        \text{ or } \|\tilde R_t\|_F / (\|R_t\|_F + 10^{-8}) \ (\texttt{tensor})\\
+        S_t &= \sqrt{c}\, \mathrm{limiter}(G_t \odot s),\quad
+        W \leftarrow W - \eta_t \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t} S_t,\quad W \leftarrow W - \eta_t \lambda W
+
+    The limiter (Fira) caps the growth of :math:`\|S_t\|_F` at a factor :math:`\gamma` per step. The moments
+    are never reset when P is redrawn. Groups without ``rank`` get the spec's AdamW.
+
+    Low-rank group keys and their defaults (``APOLLO.lowrank_defaults``): ``rank`` (required: it marks
+    the group), ``proj="random"`` (or ``"svd"``), ``proj_type="std"``, ``scale_type="channel"``,
+    ``scale=1.0``, ``update_proj_gap=200``, ``scale_front=False``, ``norm_growth_limiter=True``,
+    ``norm_growth_gamma=1.01``. APOLLO-Mini is ``rank=1, scale_type="tensor", scale=128``
+    (see ``apollo.PRESETS``).
+    """
+
+    lowrank_defaults = {
+        **_LowRankAdam.lowrank_defaults,
+        "proj": "random",
+        "scale_type": "channel",
+        "scale": 1.0,
+        "scale_front": False,
+        "norm_growth_limiter": True,
+        "norm_growth_gamma": 1.01,
+    }
+
+    def _validate_lowrank_group(self, group: dict[str, Any], name: str) -> None:
+        super()._validate_lowrank_group(group, name)
+        if group["proj"] not in PROJ_KINDS:
+            raise ValueError(f"{name}: proj must be one of {PROJ_KINDS}, got {group['proj']!r}")
+        if group["scale_type"] not in SCALE_TYPES:
+            raise ValueError(f"{name}: scale_type must be one of {SCALE_TYPES}, got {group['scale_type']!r}")
+        if not group["norm_growth_gamma"] >= 1.0:
+            raise ValueError(f"{name}: norm_growth_gamma must be >= 1, got {group['norm_growth_gamma']!r}")
+
+    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        side = projection_side(param.shape, group["proj_type"])
+        if not state:
+            self._moments(group, param, state, projected_shape(param.shape, group["rank"], side))
+        proj = self._projection(param, grad, group, state, side)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        new_norm = F.apollo_update(
+            param, grad, proj, state["exp_avg"], state["exp_avg_sq"], state.get("limiter_norm"),
+            side=side, step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], scale_type=group["scale_type"], scale=group["scale"],
+            scale_front=group["scale_front"],
+            limiter_gamma=group["norm_growth_gamma"] if group["norm_growth_limiter"] else None,
+        )
+        if new_norm is not None:
+            state["limiter_norm"] = new_norm
+
+
+class GaLore(_LowRankAdam):
+    r"""GaLore-AdamW (arXiv 2403.03507): Adam in an SVD subspace, the update projected back to full rank.
+
+    .. math::
+        R_t = \mathrm{project}(G_t),\quad \tilde R_t = M_t / (\sqrt{V_t} + \epsilon),\quad
+        W \leftarrow W - \eta_t \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\, c\, \mathrm{back}(\tilde R_t),
+        \quad W \leftarrow W - \eta_t \lambda W
+
+    P holds the top-r singular vectors of the gradient at steps 1, T+1, ... (right: rows of V^T; left:
+    columns of U). Low-rank group keys: ``rank`` (required), ``proj_type="std"``, ``update_proj_gap=200``,
+    ``scale=0.25`` (the GaLore paper's ``galore_scale``). State per weight: M, V (r L each) and P.
+    """
+
+    lowrank_defaults = {**_LowRankAdam.lowrank_defaults, "scale": 0.25}
+
+    def _validate_lowrank_group(self, group: dict[str, Any], name: str) -> None:
+        super()._validate_lowrank_group(group, name)
+        if group.get("proj", "svd") != "svd":
+            raise ValueError(f"{name}: GaLore projects with the gradient's SVD only, got proj={group['proj']!r}")
+
+    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        side = projection_side(param.shape, group["proj_type"])
+        if not state:
+            self._moments(group, param, state, projected_shape(param.shape, group["rank"], side))
+        proj = self._projection(param, grad, group, state, side)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        F.galore_update(
+            param, grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, step=state["step"],
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            scale=group["scale"],
+        )
