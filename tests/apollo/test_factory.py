@@ -1,0 +1,67 @@
+"""param_groups and build_optimizer: which weights are low-rank, names, aliases, presets, option checks."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import apollo
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def test_param_groups_split_llama(tiny_llama):
+    regular, low_rank = apollo.param_groups(tiny_llama, rank=4)
+    names = {id(p): n for n, p in tiny_llama.named_parameters()}
+    low_names = sorted(names[id(p)].split(".")[-2] for p in low_rank["params"])
+    # 7 projections per layer x 2 layers
+    assert low_names == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] * 2)
+    regular_names = sorted(names[id(p)] for p in regular["params"])
+    assert regular_names == sorted([
+        "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+        *(f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")),
+    ])
+    assert low_rank["rank"] == 4 and "rank" not in regular
+
+
+def test_build_optimizer_presets(tiny_llama):
+    opt = apollo.build_optimizer("apollo", tiny_llama, lr=0.01)
+    low = opt.param_groups[1]
+    assert isinstance(opt, apollo.APOLLO)
+    assert (low["rank"], low["scale_type"], low["scale"], low["proj"]) == (8, "channel", 1.0, "random")  # hidden 32 / 4
+    mini = apollo.build_optimizer("apollo_mini", tiny_llama, lr=0.01).param_groups[1]
+    assert (mini["rank"], mini["scale_type"], mini["scale"]) == (1, "tensor", 128.0)
+    svd = apollo.build_optimizer("apollo_svd", tiny_llama, lr=0.01, rank=4).param_groups[1]
+    assert (svd["rank"], svd["proj"]) == (4, "svd")
+    galore = apollo.build_optimizer("galore_adamw", tiny_llama, lr=0.01, scale=0.5)
+    assert isinstance(galore, apollo.GaLore) and galore.param_groups[1]["scale"] == 0.5
+    adamw = apollo.build_optimizer("adamw", tiny_llama, lr=0.01, weight_decay=0.1, betas=(0.9, 0.95))
+    assert type(adamw) is torch.optim.AdamW
+    assert adamw.param_groups[0]["betas"] == (0.9, 0.95) and adamw.param_groups[0]["weight_decay"] == 0.1
+    alias = apollo.build_optimizer("apollo_adamw", tiny_llama, lr=0.01, rank=2, scale_front=True, betas=(0.8, 0.9))
+    assert alias.param_groups[1]["scale_front"] is True and alias.param_groups[1]["betas"] == (0.8, 0.9)
+
+
+def test_none_options_mean_preset(tiny_llama):
+    opt = apollo.build_optimizer("apollo_mini", tiny_llama, lr=0.01, rank=None, scale=None)
+    assert opt.param_groups[1]["scale"] == 128.0
+
+
+def test_build_optimizer_rejects_unknown_names_and_options(tiny_llama):
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose one of: adamw, apollo, apollo_mini, apollo_svd, galore, apollo_adamw, galore_adamw"):
+        apollo.build_optimizer("sgd", tiny_llama, lr=0.01)
+    with pytest.raises(ValueError, match="optimizer 'galore' does not take option\\(s\\) scale_type"):
+        apollo.build_optimizer("galore", tiny_llama, lr=0.01, scale_type="tensor")
+    with pytest.raises(ValueError, match="optimizer 'adamw' does not take option\\(s\\) rank"):
+        apollo.build_optimizer("adamw", tiny_llama, lr=0.01, rank=4)
+
+
+def test_default_rank_needs_a_hidden_size():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="rank is required"):
+        apollo.build_optimizer("apollo", model, lr=0.01, target_modules=("0",))
