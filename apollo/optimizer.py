@@ -128,13 +128,17 @@ class _LowRankAdam(Optimizer):
         return STATE_DTYPES[group["state_dtype"]] or param.dtype
 
     def _initial_seed(self, param: torch.Tensor) -> int:
-        """1-based position of `param` counting every parameter of every group in order."""
+        """Seed of a parameter's first random P: its 1-based position counting every parameter of every group.
+
+        A group with ``initial_seed`` numbers its parameters from there instead (layer-wise training builds
+        one optimizer per parameter and passes the position the parameter has in the whole model).
+        """
         position = 0
         for group in self.param_groups:
-            for p in group["params"]:
+            for index, p in enumerate(group["params"]):
                 position += 1
                 if p is param:
-                    return position
+                    return group["initial_seed"] + index if "initial_seed" in group else position
         raise RuntimeError("parameter not found in this optimizer's param groups")
 
     def _moments(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any], shape) -> None:

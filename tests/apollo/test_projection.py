@@ -114,3 +114,21 @@ def test_galore_update_lies_in_the_subspace(shape):
     assert delta.norm() > 1e-3
     assert outside.norm() < 1e-6 * delta.norm()
     assert torch.linalg.matrix_rank(delta).item() == 2
+
+
+def test_initial_seed_lets_per_parameter_optimizers_draw_the_model_wide_projections():
+    """One optimizer per weight (layer-wise) with initial_seed = global position reproduces the joint run."""
+    weights, grads = _model_and_grads(steps=5)
+    joint = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = apollo.APOLLO([{"params": joint, "rank": 2, "update_proj_gap": 2}], lr=0.01)
+    alone = [torch.nn.Parameter(w.clone()) for w in weights]
+    opts = [apollo.APOLLO([{"params": [p], "rank": 2, "update_proj_gap": 2, "initial_seed": i + 1}], lr=0.01)
+            for i, p in enumerate(alone)]
+    for step_grads in grads:
+        for p, q, g in zip(joint, alone, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    for a, b in zip(joint, alone):
+        assert torch.equal(a, b)
