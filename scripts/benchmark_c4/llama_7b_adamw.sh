@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# LLaMA-7B: 7b adamw (PROTOCOL.md recipe table). Published setup: 8 GPU(s),
+# micro-batch 4, total batch 512, 150000 updates, 15000 warmup. Extra flags are forwarded: "$@".
+# AdamW's lr: 0.005, the best of PROTOCOL.md's long-context sweep (1e-3 .. 1e-2); sweep it for a fair baseline.
+DEFAULT_NGPU=8
+source "$(dirname "$0")/common.sh"
+launch 4 --model_config configs/llama_7b.json --optimizer adamw --lr 0.01 \
+    --num_training_steps 150000 --warmup_steps 15000 --scheduler cosine --min_lr_ratio 0.1 --weight_decay 0 \
+    --eval_every 1000 --save_every 10000 --dtype bfloat16 --seed 42 --name llama_7b_adamw "$@"
