@@ -1,0 +1,196 @@
+"""Optimizer step time on the parameters of a LLaMA config, against baselines measured in the same run.
+
+    python benchmarks/optimizer_step.py --models 60m 130m --dtypes float32 bfloat16 --steps 20
+
+For each model and dtype it builds the model's parameters (random values) with random gradients and
+prints a markdown table: median ms per step (>= --steps timed steps after warm-up, optimizers
+interleaved round by round so that drift on a shared machine hits all alike), the step at a
+projection refresh, optimizer-state MB, and ratios to torch AdamW (foreach and fused), to the
+projection floor (the projection matmuls alone + drawing P + fused AdamW on the regular parameters),
+and to the published apollo-torch / galore-torch packages when they are installed (their
+`__init__` imports bitsandbytes, so their optimizer modules are loaded on their own).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import apollo  # noqa: E402
+from apollo.projection import projection_side, random_projection  # noqa: E402
+
+RANKS = {"60m": 128, "130m": 192, "350m": 256, "1b": 256}  # PROTOCOL.md recipe ranks
+
+
+def build_parameters(size: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """The model's modules with random weights and random gradients (no forward pass needed)."""
+    config = LlamaConfig.from_json_file(str(REPO / "configs" / f"llama_{size}.json"))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+            p.grad = (torch.randn(p.shape, generator=generator) * 1e-3).to(dtype)
+    return model.to(dtype)
+
+
+@functools.cache
+def _load_published(package: str, module: str, attribute: str):
+    """An optimizer class from an installed published package, imported without its __init__ (bitsandbytes)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = spec.submodule_search_locations[0]
+    if package not in sys.modules:
+        shell = types.ModuleType(package)
+        shell.__path__ = [root]
+        sys.modules[package] = shell
+    module_spec = importlib.util.spec_from_file_location(f"{package}.{module}", f"{root}/{module}.py")
+    loaded = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = loaded
+    try:
+        module_spec.loader.exec_module(loaded)
+    except Exception as error:  # a missing dependency of theirs: report and go on
+        print(f"note: {package}.{module} not loadable ({error})", file=sys.stderr)
+        return None
+    return getattr(loaded, attribute)
+
+
+def optimizers(model, rank: int, gap: int):
+    """name -> zero-argument factory. `gap` is update_proj_gap (1 makes every step a refresh)."""
+    groups = lambda **kw: apollo.param_groups(model, **kw)  # noqa: E731
+    factories = {
+        "torch adamw foreach": lambda: torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True),
+        "torch adamw fused": lambda: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+        "adamw": lambda: apollo.build_optimizer("adamw", model, lr=1e-3),
+        "apollo": lambda: apollo.APOLLO(groups(rank=rank, update_proj_gap=gap), lr=1e-3),
+        "apollo_mini": lambda: apollo.APOLLO(groups(rank=1, scale_type="tensor", scale=128.0, update_proj_gap=gap), lr=1e-3),
+        "apollo_svd": lambda: apollo.APOLLO(groups(rank=rank, proj="svd", update_proj_gap=gap), lr=1e-3),
+        "galore": lambda: apollo.GaLore(groups(rank=rank, update_proj_gap=gap), lr=1e-3),
+        # the AdamW that APOLLO runs on its regular group, to set against torch's fused kernel on the same tensors
+        "apollo regular group": lambda: apollo.APOLLO([groups()[0]], lr=1e-3),
+    }
+    published_apollo = _load_published("apollo_torch", "apollo", "AdamW")
+    if published_apollo is not None:
+        def make(**kw):
+            return lambda: published_apollo(groups(proj="random", proj_type="std", update_proj_gap=gap, **kw), lr=1e-3,
+                                            scale_front=kw.get("scale_type") == "tensor")
+        factories["apollo-torch apollo"] = make(rank=rank, scale_type="channel", scale=1.0)
+        factories["apollo-torch apollo_mini"] = make(rank=1, scale_type="tensor", scale=128.0)
+    published_galore = _load_published("galore_torch", "adamw", "AdamW")
+    if published_galore is not None:
+        factories["galore-torch galore"] = lambda: published_galore(
+            groups(rank=rank, update_proj_gap=gap, scale=0.25, proj_type="std"), lr=1e-3)
+    return factories
+
+
+def projection_floor(model, rank: int, dtype: torch.dtype) -> dict[str, float]:
+    """Seconds of the unavoidable parts of an APOLLO step: projection matmuls, drawing P, fused AdamW on the rest."""
+    regular, low_rank = apollo.param_groups(model, rank=rank)
+    sides = [projection_side(p.shape, "std") for p in low_rank["params"]]
+    projections = [random_projection(i, p.shape, rank, s, dtype=dtype) for i, (p, s) in enumerate(zip(low_rank["params"], sides))]
+
+    def matmuls():
+        for p, s, proj in zip(low_rank["params"], sides, projections):
+            _ = p.grad @ proj.T if s == "right" else proj.T @ p.grad
+
+    def draws():
+        for i, (p, s) in enumerate(zip(low_rank["params"], sides)):
+            random_projection(i, p.shape, rank, s, dtype=dtype)
+
+    fused = torch.optim.AdamW(regular["params"], lr=1e-3, fused=True)
+    return {"matmuls": matmuls, "draw P": draws, "fused adamw (regular)": fused.step}
+
+
+def time_rounds(callables: dict, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Interleaved rounds: every callable runs once per round; returns seconds per call."""
+    for fn in callables.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in callables}
+    for _ in range(steps):
+        for name, fn in callables.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def state_mb(optimizer) -> float:
+    return apollo.optimizer_state_bytes(optimizer) / 2**20
+
+
+def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int) -> str:
+    rank = RANKS[size]
+    model = build_parameters(size, dtype)
+    # normal steps: a gap far beyond the run, after the first (refresh) step in warm-up
+    normal = {name: make() for name, make in optimizers(model, rank, gap=10**9).items()}
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    floor_parts = projection_floor(model, rank, dtype)
+    timed = time_rounds({**{n: o.step for n, o in normal.items()}, **floor_parts}, steps, warmup=2)
+    median_ms = {name: 1e3 * statistics.median(t) for name, t in timed.items()}
+    floor_ms = sum(median_ms[k] for k in floor_parts)
+    # refresh steps: every step redraws P (random) or recomputes the SVD
+    refresh_names = [n for n in normal if "adamw" not in n and "regular" not in n]
+    refreshing = {name: make() for name, make in optimizers(model, rank, gap=1).items() if name in refresh_names}
+    refresh_ms = {name: 1e3 * statistics.median(t)
+                  for name, t in time_rounds({n: o.step for n, o in refreshing.items()}, refresh_steps, warmup=1).items()}
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), snapshot):
+            p.copy_(s)
+
+    fused = median_ms["torch adamw fused"]
+    foreach = median_ms["torch adamw foreach"]
+    lines = [
+        f"### LLaMA-{size}, {str(dtype).removeprefix('torch.')}, rank {rank} ({steps} timed steps, median)",
+        "",
+        f"Projection floor: {floor_ms:.1f} ms = matmuls {median_ms['matmuls']:.1f} + draw P {median_ms['draw P']:.1f} "
+        f"+ fused AdamW on regular parameters {median_ms['fused adamw (regular)']:.1f}.",
+        "",
+        "| optimizer | step ms | refresh step ms | state MB | / adamw fused | / adamw foreach | / floor | / published |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    published = {"apollo": "apollo-torch apollo", "apollo_mini": "apollo-torch apollo_mini", "galore": "galore-torch galore"}
+    for name, optimizer in normal.items():
+        ms = median_ms[name]
+        ref = published.get(name)
+        vs_published = f"{ms / median_ms[ref]:.2f}" if ref in median_ms else "-"
+        vs_floor = f"{ms / floor_ms:.2f}" if name in ("apollo", "apollo_mini", "apollo_svd") else "-"
+        if name == "apollo regular group":  # its baseline is the fused kernel on the same (regular) tensors
+            vs_floor = f"{ms / median_ms['fused adamw (regular)']:.2f} of fused on regular"
+        refresh = f"{refresh_ms[name]:.1f}" if name in refresh_ms else "-"
+        lines.append(f"| {name} | {ms:.1f} | {refresh} | {state_mb(optimizer):.1f} | {ms / fused:.2f} | "
+                     f"{ms / foreach:.2f} | {vs_floor} | {vs_published} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["60m", "130m"], choices=sorted(RANKS))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (after warm-up)")
+    parser.add_argument("--refresh_steps", type=int, default=3, help="timed refresh steps per optimizer (SVD is slow)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    for size in args.models:
+        for dtype in args.dtypes:
+            print(benchmark(size, getattr(torch, dtype), args.steps, args.refresh_steps), flush=True)
+
+
+if __name__ == "__main__":
+    main()
