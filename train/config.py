@@ -1,0 +1,289 @@
+"""The run configuration: one dataclass, the command line generated from it, and the checks that need no model.
+
+Every option of a run is a field of `TrainConfig`, documented by its `help`. `build_parser` turns the
+fields into argparse flags one to one (`--lr 0.01`; booleans are store_true), so the commands of the
+published APOLLO/GaLore scripts work unchanged. `resolve` checks every value and fills in what is
+derived (the missing one of batch size / accumulation / total batch, steps from --max_train_tokens,
+dtype, state dtype, save_dir, name); a bad value raises `ConfigError` with one line saying what to
+change. The resolved config is what a run saves: config.json in the run folder, wandb.config and
+every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import apollo
+
+
+class ConfigError(ValueError):
+    """A bad flag or combination of flags; the message is one line that says what to change."""
+
+
+def parse_tokens(text: str) -> int:
+    """'100M' -> 100_000_000, '1.3B' -> 1_300_000_000, '5000' -> 5000 (suffixes K, M, B)."""
+    match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMbB]?)\s*", str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count; write e.g. 5000, 100M or 1.3B")
+    number, suffix = match.groups()
+    multiplier = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[suffix.lower()]
+    return round(float(number.replace("_", "")) * multiplier)
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, parse=None) -> Any:
+    """A TrainConfig field: its default, its documentation and (optionally) its allowed values or parser."""
+    return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run. Field order is the order of `python -m train --help`."""
+
+    # -- model and data --------------------------------------------------------------------------
+    model_config: str = field(metadata={"help": "LLaMA config json, e.g. configs/llama_60m.json (required)"})
+    tokenizer: str = option("t5-base", "tokenizer name or local folder (AutoTokenizer.from_pretrained)")
+    data_dir: Optional[str] = option(
+        None, "folder of C4 json.gz shards (c4-train.*, c4-validation.*); unset streams allenai/c4 from the hub")
+    max_length: int = option(256, "tokens per sequence (truncate and pad to this length)")
+    packing: bool = option(False, "concatenate documents with eos and cut full sequences (default: one padded document per sequence)")
+    workers: int = option(8, "data loader worker processes per rank")
+
+    # -- batch: batch_size x gradient_accumulation x world size == total_batch_size ----------------
+    batch_size: Optional[int] = option(None, "micro-batch per process, in sequences")
+    gradient_accumulation: Optional[int] = option(None, "micro-batches per update (derived from the other two if unset)")
+    total_batch_size: Optional[int] = option(None, "sequences per update over all processes (derived if unset)")
+    eval_batch_size: Optional[int] = option(None, "validation micro-batch per process (default: --batch_size)")
+
+    # -- schedule --------------------------------------------------------------------------------
+    lr: float = option(1e-4, "peak learning rate")
+    scheduler: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = option(1000, "updates of linear warmup from lr 0")
+    num_training_steps: int = option(10_000, "number of optimizer updates (exactly this many)")
+    max_train_tokens: Optional[int] = option(
+        None, "train on this many tokens instead (K/M/B suffixes): num_training_steps = tokens // (total_batch_size x max_length)",
+        parse=parse_tokens)
+    min_lr_ratio: float = option(0.1, "final lr as a fraction of the peak, in [0, 1]")
+
+    # -- optimizer -------------------------------------------------------------------------------
+    optimizer: str = option("adamw", "adamw | apollo | apollo_mini | apollo_svd | galore (aliases apollo_adamw, galore_adamw)")
+    weight_decay: float = option(0.0, "decoupled weight decay")
+    beta1: float = option(0.9, "first-moment decay, passed to every optimizer")
+    beta2: float = option(0.999, "second-moment decay, passed to every optimizer")
+    eps: Optional[float] = option(None, "epsilon of the second moment (default: the optimizer's; 1e-6 APOLLO/GaLore, 1e-8 AdamW)")
+    grad_clipping: float = option(0.0, "clip the global gradient norm to this value; 0 turns clipping off")
+    rank: Optional[int] = option(None, "projection rank of low-rank optimizers (default: the preset's; hidden/4, Mini 1)")
+    update_proj_gap: Optional[int] = option(None, "updates between projection refreshes, T (default 200)")
+    proj: Optional[str] = option(None, "APOLLO projection (default: the preset's)", choices=("random", "svd"))
+    proj_type: Optional[str] = option(None, "which side to project (default std)", choices=("std", "reverse_std", "left", "right"))
+    scale_type: Optional[str] = option(None, "APOLLO scaling granularity (default: the preset's)", choices=("channel", "tensor"))
+    apollo_scale: Optional[float] = option(None, "APOLLO scale c; the update is multiplied by sqrt(c) (default: the preset's, 1 or Mini 128)")
+    galore_scale: Optional[float] = option(None, "GaLore update scale (default 0.25)")
+    scale_front: bool = option(False, "APOLLO: apply sqrt(scale) before the norm-growth limiter")
+    state_dtype: Optional[str] = option(
+        None, "optimizer-state dtype: float32, or param (follow the weights); default float32 for APOLLO/GaLore, "
+              "param for adamw (torch.optim.AdamW keeps states in the parameter dtype)", choices=("float32", "param"))
+
+    # -- precision and memory --------------------------------------------------------------------
+    dtype: Optional[str] = option(None, "dtype of the whole model (default bfloat16 on GPUs that support it, else float32)",
+                                  choices=("bfloat16", "float32"))
+    activation_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    single_gpu: bool = option(False, "one process, no DistributedDataParallel wrapper")
+
+    # -- evaluation, checkpoints, failures -------------------------------------------------------
+    eval_every: int = option(5000, "evaluate every this many updates (and at the end)")
+    eval_tokens: int = option(10_000_000, "validation tokens (non-pad) per evaluation, K/M/B suffixes", parse=parse_tokens)
+    save_every: int = option(10_000, "save a checkpoint every this many updates (and at the end)")
+    save_dir: Optional[str] = option(
+        None, "run folder: config.json, metrics.jsonl, step_* checkpoints (default checkpoints/<model>-<time>, "
+              "or the run folder of --continue_from)")
+    continue_from: Optional[str] = option(None, "resume exactly from a checkpoint folder, or the latest checkpoint of a run folder")
+    seed: int = option(0, "seed of torch, python and numpy random (model initialisation)")
+    nan_policy: str = option("stop", "on a NaN/inf loss: stop (exit 1, naming the update) or skip that update",
+                             choices=("stop", "skip"))
+
+    # -- logging ---------------------------------------------------------------------------------
+    log_every: int = option(1, "log train metrics every this many updates")
+    wandb: Optional[str] = option(None, "wandb mode (default: $WANDB_MODE, else online)", choices=("online", "offline", "disabled"))
+    project: str = option("apollo", "wandb project")
+    name: Optional[str] = option(None, "run name (default: the run folder's name)")
+    entity: Optional[str] = option(None, "wandb entity (user or team)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain json-able values, field order kept."""
+        return dataclasses.asdict(self)
+
+
+_POSITIVE_INTS = ("max_length", "num_training_steps", "eval_every", "save_every", "eval_tokens", "log_every",
+                  "batch_size", "gradient_accumulation", "total_batch_size", "eval_batch_size", "rank", "update_proj_gap")
+_LOWRANK_FLAGS = ("rank", "update_proj_gap", "proj", "proj_type", "scale_type", "apollo_scale", "galore_scale", "scale_front")
+_ACCEPTED_FLAGS = {  # low-rank flags each optimizer family uses; the others are ignored with a warning
+    "adamw": (),
+    "galore": ("rank", "update_proj_gap", "proj_type", "galore_scale"),
+    "apollo": ("rank", "update_proj_gap", "proj", "proj_type", "scale_type", "apollo_scale", "scale_front"),
+}
+
+
+def family(optimizer: str) -> str:
+    """'adamw', 'galore' or 'apollo' (every APOLLO variant) for a canonical optimizer name."""
+    return optimizer if optimizer in ("adamw", "galore") else "apollo"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message} (see python -m train --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, with the field's help, type, default and choices."""
+    parser = _Parser(prog="python -m train", description="Pretrain a LLaMA model on C4 with APOLLO or its peers.",
+                     allow_abbrev=False)
+    hints = typing.get_type_hints(TrainConfig)
+    for spec in dataclasses.fields(TrainConfig):
+        meta, flag = spec.metadata, f"--{spec.name}"
+        kind = hints[spec.name]
+        kind = next(a for a in typing.get_args(kind) if a is not type(None)) if typing.get_origin(kind) is typing.Union else kind
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=meta["help"])
+        elif spec.default is dataclasses.MISSING:
+            parser.add_argument(flag, type=kind, required=True, help=meta["help"])
+        else:
+            shown = "" if spec.default is None or "default" in meta["help"] else f" (default: {spec.default})"
+            parser.add_argument(flag, type=meta.get("parse") or kind, default=spec.default,
+                                choices=meta.get("choices"), help=meta["help"] + shown)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags -> TrainConfig (not yet resolved). ConfigError on an unknown flag or a value of the wrong type."""
+    namespace = build_parser().parse_args(argv)
+    return TrainConfig(**vars(namespace))
+
+
+def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list[str]]:
+    """Check every value and fill in the derived ones; returns (resolved config, warnings).
+
+    Opens no file: the checks that read the model config, tokenizer, data, a checkpoint or the wandb
+    login are in train/__main__.py. Raises ConfigError with one line that says what to change.
+    """
+    c = dataclasses.replace(config)
+    warnings: list[str] = []
+    try:
+        c.optimizer = apollo.canonical_name(c.optimizer)
+    except ValueError as error:
+        raise ConfigError(f"--optimizer: {error}") from None
+
+    for name in _POSITIVE_INTS:
+        value = getattr(c, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be a positive integer, got {value}")
+    for name in ("warmup_steps", "workers"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(c, name)}")
+    _check_range(c.lr, "lr", low=0.0)
+    _check_range(c.weight_decay, "weight_decay", low=0.0)
+    _check_range(c.grad_clipping, "grad_clipping", low=0.0, note="(0 turns clipping off)")
+    _check_range(c.min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0)
+    for name in ("beta1", "beta2"):
+        value = getattr(c, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {value}")
+    for name in ("eps", "apollo_scale", "galore_scale"):
+        value = getattr(c, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name} must be > 0, got {value}")
+
+    _resolve_batch(c, world_size)
+    if c.max_train_tokens is not None:
+        tokens_per_update = c.total_batch_size * c.max_length
+        c.num_training_steps = c.max_train_tokens // tokens_per_update
+        if c.num_training_steps < 1:
+            raise ConfigError(f"--max_train_tokens {c.max_train_tokens} is less than one update "
+                              f"({c.total_batch_size} sequences x {c.max_length} tokens = {tokens_per_update}); raise it")
+    if c.warmup_steps >= c.num_training_steps:
+        raise ConfigError(f"--warmup_steps {c.warmup_steps} must be smaller than --num_training_steps {c.num_training_steps}")
+    if c.single_gpu and world_size > 1:
+        raise ConfigError(f"--single_gpu runs one process, but {world_size} were launched; drop --single_gpu or use --nproc_per_node 1")
+
+    if c.dtype is None:
+        c.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    warnings += _resolve_optimizer_flags(c)
+    if c.wandb is None:
+        env_mode = os.environ.get("WANDB_MODE", "online")
+        c.wandb = env_mode if env_mode in ("online", "offline", "disabled") else "online"
+    if c.save_dir is None:
+        if c.continue_from is not None:
+            origin = Path(c.continue_from)
+            c.save_dir = str(origin.parent if (origin / "trainer.pt").exists() else origin)
+        else:
+            c.save_dir = f"checkpoints/{Path(c.model_config).stem}-{datetime.now():%Y-%m-%d-%H-%M-%S}"
+    if c.name is None:
+        c.name = Path(c.save_dir).name
+    return c, warnings
+
+
+def _check_range(value: float, name: str, *, low: float, high: float | None = None, note: str = "") -> None:
+    if value != value or value < low or (high is not None and value > high):  # value != value: NaN
+        bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise ConfigError(f"--{name} must be {bounds}{' ' + note if note else ''}, got {value}")
+
+
+def _resolve_batch(c: TrainConfig, world_size: int) -> None:
+    """Fill the missing one of batch_size / gradient_accumulation / total_batch_size, or say which is wrong."""
+    batch, accum, total = c.batch_size, c.gradient_accumulation, c.total_batch_size
+    procs = f"{world_size} process{'es' if world_size > 1 else ''}"
+    if batch is None:
+        if accum is None or total is None:
+            raise ConfigError("--batch_size (micro-batch per process) is required unless both --gradient_accumulation "
+                              "and --total_batch_size are given")
+        if total % (accum * world_size):
+            raise ConfigError(f"--total_batch_size {total} is not divisible by --gradient_accumulation {accum} x {procs}")
+        batch = total // (accum * world_size)
+    elif total is None:
+        accum = accum or 1
+        total = batch * accum * world_size
+    elif accum is None:
+        if total % (batch * world_size):
+            raise ConfigError(f"--total_batch_size {total} is not a multiple of --batch_size {batch} x {procs} "
+                              f"= {batch * world_size}; change --batch_size or --total_batch_size")
+        accum = total // (batch * world_size)
+    elif batch * accum * world_size != total:
+        raise ConfigError(f"--batch_size {batch} x --gradient_accumulation {accum} x {procs} = {batch * accum * world_size}, "
+                          f"not --total_batch_size {total}; change one of them (or leave one out to derive it)")
+    c.batch_size, c.gradient_accumulation, c.total_batch_size = batch, accum, total
+
+
+def _resolve_optimizer_flags(c: TrainConfig) -> list[str]:
+    """Warn about low-rank flags the chosen optimizer ignores; settle the optimizer-state dtype."""
+    kind = family(c.optimizer)
+    defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
+    warnings = [f"--{name} is ignored by --optimizer {c.optimizer}" for name in _LOWRANK_FLAGS
+                if getattr(c, name) != defaults[name] and name not in _ACCEPTED_FLAGS[kind]]
+    if c.state_dtype is None:
+        c.state_dtype = "param" if kind == "adamw" else "float32"
+    elif c.state_dtype == "float32" and kind == "adamw" and c.dtype != "float32":
+        warnings.append(f"--state_dtype float32 is ignored by adamw: torch.optim.AdamW keeps its states in {c.dtype}")
+        c.state_dtype = "param"
+    return warnings
+
+
+def optimizer_options(c: TrainConfig) -> dict[str, Any]:
+    """Keyword options for apollo.build_optimizer: betas always, the rest only where the user set them."""
+    kind = family(c.optimizer)
+    options: dict[str, Any] = {"betas": (c.beta1, c.beta2), "eps": c.eps}
+    if kind != "adamw":
+        options["state_dtype"] = "float32" if c.state_dtype == "float32" else None
+        for name in _ACCEPTED_FLAGS[kind]:
+            key = "scale" if name in ("apollo_scale", "galore_scale") else name
+            options[key] = getattr(c, name) or None  # scale_front False -> preset default
+    return {key: value for key, value in options.items() if value is not None}

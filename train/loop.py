@@ -1,0 +1,211 @@
+"""The training loop: build the run, then one update after another in a fixed order.
+
+Sections of `train`, top to bottom: seed -> model -> optimizer -> data -> logger -> resume -> loop.
+Each pass of the loop: lr from the schedule -> eval / save when due -> accumulate the micro-batches
+-> clip -> one health check (NaN/inf loss, stop signal) -> optimizer step -> zero_grad -> log.
+The health check is the one host read per update: a small all-reduce of [loss, tokens, stop]; every
+other metric (grad norm, ...) is read only at log points. After num_training_steps updates: a final
+evaluation, a final checkpoint and a check that every replica holds the same weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import apollo
+from train.checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from train.config import TrainConfig, optimizer_options
+from train.data import build_train_loader
+from train.distributed import Distributed, StopSignal, all_gather_floats, all_reduce_sum, unwrap, wrap_model
+from train.evaluate import evaluate
+from train.logging import MetricsLogger
+from train.model import build_model, parameter_counts
+from train.schedule import lr_multiplier
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of an update was NaN or inf (with --nan_policy stop)."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"loss is {loss} at update {step}; lower --lr, set --grad_clipping, or pass --nan_policy skip")
+        self.step = step
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed on every rank, so every replica starts from the same weights."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
+    """Run a resolved, checked config to the end (or to a stop signal); returns the exit code (0).
+
+    Raises NonFiniteLossError when the loss goes NaN/inf and --nan_policy is stop.
+    """
+    run_dir = Path(config.save_dir)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    # -- model, optimizer, data ------------------------------------------------------------------
+    seed_everything(config.seed)
+    model = build_model(config.model_config, dtype=config.dtype, device=ctx.device,
+                        activation_checkpointing=config.activation_checkpointing)
+    optimizer = apollo.build_optimizer(config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay,
+                                       **optimizer_options(config))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    loader = build_train_loader(tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
+                                batch_size=config.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                                workers=config.workers, packing=config.packing)
+    counts = parameter_counts(model)
+    logger = MetricsLogger(run_dir, config.to_dict(), wandb_mode=config.wandb, project=config.project, name=config.name,
+                           entity=config.entity, total_steps=config.num_training_steps, enabled=ctx.is_main)
+    logger.summarize({f"params/{key}": value for key, value in counts.items()})
+
+    # -- resume: weights, optimizer, counters, data position, RNG (last, so nothing above consumes it)
+    state = {"step": 0, "tokens_seen": 0, "last_eval_step": -1, "skipped_updates": 0}
+    if config.continue_from:
+        checkpoint = find_checkpoint(config.continue_from)
+        trainer_state, rank_state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, rank=ctx.rank)
+        state.update(trainer_state["counters"])
+        loader.load_state_dict(rank_state["data"])
+        restore_rng(rank_state["rng"])
+        logger.info(f"resumed from {checkpoint} at update {state['step']}")
+    start_step = state["step"]
+    logger.bar.update(start_step)
+    logger.info(f"{config.optimizer}: {counts['total'] / 1e6:.2f}M parameters ({counts['low_rank'] / 1e6:.2f}M low-rank); "
+                f"{config.num_training_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
+                f"({config.batch_size} x {config.gradient_accumulation} accumulation x {ctx.world_size} process"
+                f"{'es' if ctx.world_size > 1 else ''}); "
+                f"run folder {run_dir}")
+
+    def save(step: int) -> None:
+        save_checkpoint(run_dir, step, model=model, optimizer=optimizer, rank=ctx.rank, config=config.to_dict(),
+                        trainer_state={"counters": dict(state), "world_size": ctx.world_size,
+                                       "schedule": {"scheduler": config.scheduler, "base_lrs": base_lrs,
+                                                    "warmup_steps": config.warmup_steps,
+                                                    "num_training_steps": config.num_training_steps,
+                                                    "min_lr_ratio": config.min_lr_ratio}},
+                        rank_state={"data": loader.state_dict(), "rng": capture_rng()})
+
+    def run_eval(step: int) -> None:
+        result = evaluate(model, tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
+                          batch_size=config.eval_batch_size or config.batch_size, eval_tokens=config.eval_tokens,
+                          device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)
+        model.train()
+        state["last_eval_step"] = step
+        logger.log({"eval/loss": result.loss, "eval/perplexity": result.perplexity, "eval/tokens": result.tokens}, step)
+        logger.info(f"update {step}: eval loss {result.loss:.4f}, perplexity {result.perplexity:.2f}")
+
+    # -- the loop --------------------------------------------------------------------------------
+    ddp_model = wrap_model(model, ctx, single_gpu=config.single_gpu)
+    ddp_model.train()
+    batches = iter(loader)
+    stop = StopSignal()
+    step, accum = start_step, config.gradient_accumulation
+    window_seconds, window_tokens, exit_code = 0.0, 0, 1  # throughput counts update time only, not eval/save
+    try:
+        while step < config.num_training_steps:
+            multiplier = lr_multiplier(step, num_training_steps=config.num_training_steps, warmup_steps=config.warmup_steps,
+                                       scheduler=config.scheduler, min_lr_ratio=config.min_lr_ratio)
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base_lr * multiplier
+
+            if step > 0 and step % config.eval_every == 0 and state["last_eval_step"] != step:
+                run_eval(step)
+            if step > start_step and step % config.save_every == 0:
+                save(step)
+
+            update_start = time.perf_counter()
+            loss_sum, tokens = torch.zeros((), device=ctx.device, dtype=torch.float64), 0
+            for micro_step in range(accum):
+                batch = next(batches)
+                tokens += int(batch["attention_mask"].sum())
+                batch = {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
+                syncing = micro_step == accum - 1 or ddp_model is model
+                with nullcontext() if syncing else ddp_model.no_sync():  # all-reduce grads once per update
+                    loss = ddp_model(**batch).loss / accum
+                    loss.backward()
+                loss_sum += loss.detach()
+
+            log_now = (step + 1) % config.log_every == 0 or step + 1 == config.num_training_steps or step == start_step
+            if config.grad_clipping > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clipping)
+            elif log_now:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+            health = torch.tensor([0.0, tokens, float(stop.requested)], dtype=torch.float64, device=ctx.device)
+            health[0] = loss_sum
+            loss_total, tokens_total, stops = all_reduce_sum(health).tolist()
+            loss_value = loss_total / ctx.world_size
+            if math.isfinite(loss_value):
+                optimizer.step()
+            elif config.nan_policy == "stop":
+                raise NonFiniteLossError(step + 1, loss_value)
+            else:
+                state["skipped_updates"] += 1
+                logger.info(f"update {step + 1}: loss is {loss_value}; skipped (--nan_policy skip)")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["step"] = step
+            state["tokens_seen"] += int(tokens_total)
+            window_tokens += int(tokens_total)
+            window_seconds += time.perf_counter() - update_start
+
+            if log_now:
+                metrics = {"loss": loss_value, "lr": config.lr * multiplier, "tokens_seen": state["tokens_seen"],
+                           "throughput_tokens": window_tokens / max(window_seconds, 1e-9),
+                           "grad_norm": float(grad_norm)}
+                if state["skipped_updates"]:
+                    metrics["skipped_updates"] = state["skipped_updates"]
+                if step == start_step + 1:
+                    metrics["optimizer_state_bytes"] = apollo.optimizer_state_bytes(optimizer)
+                    logger.summarize({"optimizer_state_bytes": metrics["optimizer_state_bytes"]})
+                logger.log(metrics, step)
+                logger.progress(1, loss=loss_value, lr=metrics["lr"], tok_s=metrics["throughput_tokens"])
+                window_seconds, window_tokens = 0.0, 0
+            else:
+                logger.progress(1)
+
+            if stops and step < config.num_training_steps:
+                save(step)
+                logger.info(f"stop signal: saved update {step} to {run_dir}; resume with --continue_from {run_dir}")
+                exit_code = 0
+                return exit_code
+
+        if state["last_eval_step"] != step:
+            run_eval(step)
+        if step > start_step:
+            save(step)
+        checksums = all_gather_floats(_checksum(model), ctx.device)  # [[sum, sum of squares] of each rank]
+        identical = all(value == checksums[0] for value in checksums)
+        logger.log({"param_checksums": checksums, "replicas_identical": identical}, step)
+        if not identical:
+            logger.info(f"warning: replicas differ at the end of the run: parameter checksums {checksums}")
+        exit_code = 0
+        return exit_code
+    finally:
+        stop.close()
+        logger.close(exit_code)
+
+
+def _checksum(model: torch.nn.Module) -> list[float]:
+    """[sum, sum of squares] of every parameter in float64: equal on every rank iff replicas agree (in practice)."""
+    total, squares = 0.0, 0.0
+    with torch.no_grad():
+        for param in model.parameters():  # one float64 copy at a time
+            value = param.detach().double()
+            total, squares = total + value.sum(), squares + (value * value).sum()
+    return [float(total), float(squares)]
