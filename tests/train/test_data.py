@@ -1,0 +1,265 @@
+"""train.data: tokenisation and masking by hand, exact resume, workers and ranks without duplicates, epochs.
+
+Small hand-made shards (written to tmp_path in the C4 file layout) make document identity checkable;
+the shared C4 sample checks the real pipeline. Everything runs offline.
+"""
+import gzip
+import io
+import json
+import re
+
+import pytest
+import torch
+
+from train.data import (
+    build_train_loader,
+    check_data_source,
+    iter_eval_batches,
+    load_tokenizer,
+    pad_documents,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+def write_shards(folder, train_shards, validation=("held out text",)):
+    """C4-layout gzip json-lines shards: one file per list of texts in `train_shards`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {f"c4-train.{i:05d}-of-{len(train_shards):05d}.json.gz": texts for i, texts in enumerate(train_shards)}
+    files["c4-validation.00000-of-00001.json.gz"] = list(validation)
+    for name, texts in files.items():
+        with gzip.open(folder / name, "wt", encoding="utf-8") as f:
+            for text in texts:
+                f.write(json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "https://x"}) + "\n")
+    return folder
+
+
+@pytest.fixture
+def numbered_dir(tmp_path):
+    """4 shards x 10 documents "document <n>", n = 0..39: every document tokenises differently."""
+    return write_shards(tmp_path / "numbered", [[f"document {10 * s + d}" for d in range(10)] for s in range(4)])
+
+
+def document_numbers(batches, tokenizer):
+    """Map each row back to n of its "document <n>" text."""
+    numbers = []
+    for batch in batches:
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            text = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+            assert text.startswith("document ")
+            numbers.append(int(text.split()[1]))
+    return numbers
+
+
+def take(loader, n):
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys() == {"input_ids", "attention_mask", "labels"}
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+# ----------------------------------------------------------------------------- inputs and errors
+
+
+def test_load_tokenizer_from_a_local_folder(tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    assert tokenizer("Hello world")["input_ids"] == [8774, 296, 1]
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
+
+
+def test_load_tokenizer_unreadable_paths_name_the_path(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/missing: no such folder")):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/empty") + ".*cannot be loaded"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_check_data_source(tmp_path, c4_dir):
+    check_data_source(None)  # the hub: nothing to check before reading
+    check_data_source(c4_dir)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/absent: no such folder")):
+        check_data_source(tmp_path / "absent")
+    with pytest.raises(ValueError, match=r"no shards matching c4-train\.\*\.json\.gz or c4-validation"):
+        check_data_source(tmp_path)
+    write_shards(tmp_path / "only_train", [["x"]])
+    (tmp_path / "only_train" / "c4-validation.00000-of-00001.json.gz").unlink()
+    with pytest.raises(ValueError, match=r"only_train: no shards matching c4-validation\.\*\.json\.gz$"):
+        check_data_source(tmp_path / "only_train")
+
+
+def test_bad_loader_arguments_fail_with_one_line(tmp_path, c4_dir, tokenizer):
+    with pytest.raises(ValueError, match="max_length 1: must be at least 2"):
+        build_train_loader(tokenizer=tokenizer, data_dir=c4_dir, max_length=1, batch_size=2)
+    with pytest.raises(ValueError, match=re.escape(f"data_dir {tmp_path}/nowhere: no such folder")):
+        build_train_loader(tokenizer=tokenizer, data_dir=tmp_path / "nowhere", max_length=8, batch_size=2)
+    with pytest.raises(ValueError, match="rank 2 / world_size 2"):
+        build_train_loader(tokenizer=tokenizer, data_dir=c4_dir, max_length=8, batch_size=2, rank=2, world_size=2)
+    one_document = write_shards(tmp_path / "one", [["Hello world"]])
+    starved = build_train_loader(tokenizer=tokenizer, data_dir=one_document, max_length=8, batch_size=1, rank=1,
+                                 world_size=2)
+    with pytest.raises(ValueError, match="rank 1 of 2 has no training documents"):
+        take(starved, 1)  # rather than waiting forever
+
+
+# ----------------------------------------------------------------------------- tokenisation by hand
+
+
+def test_padding_truncation_and_label_masking_by_hand(tmp_path, tokenizer):
+    data = write_shards(tmp_path, [["Hello world", "a a a a a a a a a a"]])
+    loader = build_train_loader(tokenizer=tokenizer, data_dir=data, max_length=6, batch_size=2, shuffle_buffer=1)
+    batch = take(loader, 1)[0]
+    # "Hello world" -> 8774 296 </s>=1, padded with 0; the long one truncated to 5 pieces + </s>.
+    assert batch["input_ids"].tolist() == [[8774, 296, 1, 0, 0, 0], [3, 9, 3, 9, 3, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[8774, 296, 1, -100, -100, -100], [3, 9, 3, 9, 3, 1]]
+    assert {t.dtype for t in batch.values()} == {torch.int64}
+
+
+def test_pad_documents_masks_only_padding(tokenizer):
+    batch = pad_documents([[5, 6, 1], [7, 1]], tokenizer, 4)
+    assert batch["labels"].tolist() == [[5, 6, 1, -100], [7, 1, -100, -100]]
+
+
+def test_packing_joins_documents_with_eos_and_cuts_full_rows(tmp_path, tokenizer):
+    data = write_shards(tmp_path, [["Hello world", "a a a", "The cat sat."]])
+    loader = build_train_loader(
+        tokenizer=tokenizer, data_dir=data, max_length=4, batch_size=2, packing=True, shuffle_buffer=1
+    )
+    first, second = take(loader, 2)
+    # stream: [8774 296 1] [3 9 3 9 3 9 1] [37 1712 3 7 144 5 1] then the next epoch's documents.
+    assert first["input_ids"].tolist() == [[8774, 296, 1, 3], [9, 3, 9, 3]]
+    assert second["input_ids"].tolist() == [[9, 1, 37, 1712], [3, 7, 144, 5]]
+    assert torch.equal(first["labels"], first["input_ids"])
+    assert first["attention_mask"].eq(1).all()
+
+
+def test_real_c4_batches(c4_dir, tokenizer):
+    loader = build_train_loader(tokenizer=tokenizer, data_dir=c4_dir, max_length=64, batch_size=16, shuffle_buffer=100)
+    batch = take(loader, 1)[0]
+    assert batch["input_ids"].shape == (16, 64)
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"][mask], batch["input_ids"][mask])
+    assert batch["labels"][~mask].eq(-100).all() and batch["input_ids"][~mask].eq(0).all()
+    lengths = mask.sum(1)
+    assert batch["input_ids"][torch.arange(16), lengths - 1].eq(1).all()  # every row ends in </s>
+    assert batch["input_ids"].max() < 32000  # the C4 sample has no <extra_id_*> text
+
+
+def test_eval_batches_are_the_validation_file_in_order(tmp_path, tokenizer):
+    data = write_shards(tmp_path, [["x"]], validation=["Hello world", "a a a", "The cat sat."])
+    batches = list(iter_eval_batches(tokenizer=tokenizer, data_dir=data, max_length=8, batch_size=2))
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1]
+    assert batches[0]["input_ids"].tolist() == [[8774, 296, 1, 0, 0, 0, 0, 0], [3, 9, 3, 9, 3, 9, 1, 0]]
+    rank1 = list(
+        iter_eval_batches(tokenizer=tokenizer, data_dir=data, max_length=8, batch_size=2, rank=1, world_size=2)
+    )
+    assert rank1[0]["input_ids"].tolist() == [[3, 9, 3, 9, 3, 9, 1, 0]]
+
+
+# ----------------------------------------------------------------------------- epochs, workers, ranks
+
+
+def test_workers_yield_each_document_once_per_epoch_and_epochs_differ(numbered_dir, tokenizer):
+    loader = build_train_loader(
+        tokenizer=tokenizer, data_dir=numbered_dir, max_length=8, batch_size=4, workers=2, shuffle_buffer=16
+    )
+    numbers = document_numbers(take(loader, 20), tokenizer)  # 2 epochs of 40 documents
+    epoch0, epoch1 = numbers[:40], numbers[40:]
+    assert sorted(epoch0) == list(range(40)) and sorted(epoch1) == list(range(40))
+    assert epoch0 != epoch1
+    # An epoch's order depends on (seed, epoch, rank) only: set_epoch(1) on a fresh loader replays it.
+    fresh = build_train_loader(
+        tokenizer=tokenizer, data_dir=numbered_dir, max_length=8, batch_size=4, workers=2, shuffle_buffer=16
+    )
+    fresh.set_epoch(1)
+    assert document_numbers(take(fresh, 10), tokenizer) == epoch1
+
+
+@pytest.mark.parametrize("world_size", [2, 3])  # 4 shards: split by shards, then by every 3rd document
+def test_ranks_split_each_epoch_without_overlap(numbered_dir, tokenizer, world_size):
+    # Shard order is reshuffled per epoch, so a rank may read other shards in the next epoch;
+    # what must hold is that each epoch, the ranks together read every document exactly once.
+    per_epoch = {0: [], 1: []}
+    for rank in range(world_size):
+        loader = build_train_loader(
+            tokenizer=tokenizer, data_dir=numbered_dir, max_length=8, batch_size=1,
+            rank=rank, world_size=world_size, shuffle_buffer=4,
+        )
+        iterator = iter(loader)
+        while True:
+            number = document_numbers([next(iterator)], tokenizer)[0]
+            if loader.epoch == 2:
+                break
+            per_epoch[loader.epoch].append(number)  # batch_size 1: a batch belongs to one epoch
+    for numbers in per_epoch.values():
+        assert sorted(numbers) == list(range(40))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def roundtrip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def check_resume(make_loader, before, after):
+    """Batches `before`+1 .. `before`+`after` of an uninterrupted loader == those of a resumed one."""
+    original = make_loader()
+    iterator = iter(original)
+    for _ in range(before):
+        next(iterator)
+    state = roundtrip(original.state_dict())
+    expected = [next(iterator) for _ in range(after)]
+    resumed = make_loader()
+    resumed.load_state_dict(state)
+    assert_same_batches(expected, take(resumed, after))
+    return state
+
+
+def test_resume_is_bit_identical_on_c4(c4_dir, tokenizer):
+    def make():
+        return build_train_loader(tokenizer=tokenizer, data_dir=c4_dir, max_length=32, batch_size=8, shuffle_buffer=64)
+
+    state = check_resume(make, before=3, after=4)
+    assert state["epoch"] == 0 and len(state["buffer"]["rows"]["lengths"]) == 64  # the buffer was saved full
+
+
+def test_resume_is_bit_identical_with_packing_and_a_worker(c4_dir, tokenizer):
+    def make():
+        return build_train_loader(
+            tokenizer=tokenizer, data_dir=c4_dir, max_length=32, batch_size=8, packing=True, workers=1,
+            shuffle_buffer=32,
+        )
+
+    check_resume(make, before=3, after=4)
+
+
+@pytest.mark.parametrize("before", [5, 12])  # mid-stream, and while draining the buffer at the epoch's end
+def test_resume_across_the_epoch_boundary_with_two_workers(numbered_dir, tokenizer, before):
+    def make():
+        return build_train_loader(
+            tokenizer=tokenizer, data_dir=numbered_dir, max_length=8, batch_size=3, workers=2, shuffle_buffer=8
+        )
+
+    state = check_resume(make, before=before, after=6)  # 40 documents = 13.3 batches per epoch
+    assert state["stream_finished"] == (before == 12)
+
+
+def test_loading_a_state_of_other_settings_fails(c4_dir, tokenizer):
+    state = build_train_loader(tokenizer=tokenizer, data_dir=c4_dir, max_length=16, batch_size=4).state_dict()
+    other = build_train_loader(tokenizer=tokenizer, data_dir=c4_dir, max_length=16, batch_size=8)
+    with pytest.raises(ValueError, match="'batch_size': 4"):
+        other.load_state_dict(state)

@@ -1,0 +1,379 @@
+"""C4 for training and evaluation: streamed with `datasets`, tokenised with t5-base, resumable.
+
+The training pipeline, per data-parallel rank:
+
+    load_dataset (json shards of --data_dir, or the hub's allenai/c4 "en"), streaming, column "text"
+      -> shuffle the shard order (datasets `shuffle(seed, buffer_size=1)`: seed + epoch, no buffer)
+      -> split_dataset_by_node(rank, world_size)            (shards if they divide, else every n-th doc)
+      -> tokenize: one document per row, truncated to max_length (t5 appends </s>);
+         with packing, the whole document                    (datasets.map, in the DataLoader workers)
+      -> StatefulDataLoader(workers): each worker reads its own shards, so no document is read twice
+      -> document shuffle buffer (here, in the main process, seeded by seed/epoch/rank)
+      -> batch: pad to max_length, labels = ids with padding set to -100
+         or, with packing, concatenate documents (each ends in </s>) and cut full rows, labels = ids.
+
+Why the document buffer is ours and not `IterableDataset.shuffle(buffer_size=...)`: datasets cannot
+checkpoint its buffer ("examples from shuffle buffers are lost when resuming", its `state_dict`
+docstring), so a resumed run would silently see different data. Below the buffer everything is
+datasets' own resumable state (shard, position, epoch) carried by torchdata's StatefulDataLoader
+across workers; the buffer contents, its random generator and the not-yet-batched documents are
+saved beside it. A resumed loader therefore yields bit-for-bit the batches the uninterrupted one would
+have yielded, and never re-reads data to get there beyond what datasets does inside one shard.
+
+Epochs: the loader never ends. When this rank's stream is exhausted the buffer is drained, the epoch
+count goes up, and a new pass starts with a new shard order and a new buffer permutation; batches
+run on across the boundary, so no document is dropped. The number of steps decides when training stops.
+A state can only be loaded into a loader with the same settings (batch, length, seed, rank, world
+size, workers, packing, buffer): per-worker positions cannot be re-dealt to another worker count.
+
+Token ids: t5-base's SentencePiece pieces are ids 0..31999; its 100 `<extra_id_N>` tokens (32000..32099)
+come out only where a document contains that literal text (none of the local C4 sample does), and would
+be out of range for the protocol's vocab-32000 models.
+"""
+from __future__ import annotations
+
+import glob
+import warnings
+from collections.abc import Iterator
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets.distributed import split_dataset_by_node
+from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+HUB_DATASET = ("allenai/c4", "en")
+SHARD_PATTERNS = {"train": "c4-train.*.json.gz", "validation": "c4-validation.*.json.gz"}
+IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers' loss) skips
+# Documents per tokenizer call: large enough for the fast tokenizer's batching, small enough that a
+# resume (datasets re-runs the interrupted map batch) and the first batch cost little.
+TOKENIZE_BATCH = 64
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_tokenizer(name_or_path: str | PathLike = "t5-base") -> PreTrainedTokenizerBase:
+    """AutoTokenizer from a hub name (e.g. "t5-base") or a local folder; failure is one ValueError line."""
+    text = str(name_or_path)
+    # A hub name is "t5-base" or "google-t5/t5-base"; a Path, an absolute/relative path or an existing
+    # entry is local and must be a folder (never a silent fall-back to the hub).
+    looks_local = isinstance(name_or_path, PathLike) or text.startswith(("/", ".", "~")) or Path(text).exists()
+    if looks_local and not Path(text).expanduser().is_dir():
+        raise ValueError(f"tokenizer path {name_or_path}: no such folder")
+    if looks_local:
+        text = str(Path(text).expanduser())
+    try:
+        return AutoTokenizer.from_pretrained(text)
+    except (OSError, ValueError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"tokenizer {name_or_path}: cannot be loaded ({reason})") from None
+
+
+def check_data_source(data_dir: str | PathLike | None) -> None:
+    """Fail fast, reading no data: `None` means the hub (allenai/c4 "en"); a folder needs both shard kinds."""
+    if data_dir is None:
+        return
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise ValueError(f"data_dir {path}: no such folder")
+    missing = [pattern for pattern in SHARD_PATTERNS.values() if not glob.glob(str(path / pattern))]
+    if missing:
+        raise ValueError(f"data_dir {path}: no shards matching {' or '.join(missing)}")
+
+
+def open_c4(data_dir: str | PathLike | None, split: str) -> datasets.IterableDataset:
+    """The raw streamed documents of `split` ("train" or "validation"), column `text` only."""
+    check_data_source(data_dir)
+    if data_dir is None:
+        stream = datasets.load_dataset(*HUB_DATASET, split=split, streaming=True)
+    else:
+        files = sorted(glob.glob(str(Path(data_dir) / SHARD_PATTERNS[split])))
+        # The json builder names its only split "train", whichever files it reads.
+        stream = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+    return stream.select_columns(["text"])
+
+
+def tokenize(stream: datasets.IterableDataset, tokenizer, *, max_length: int, packing: bool):
+    """Documents -> rows of token ids (column `input_ids` only); the one tokenisation of train and eval.
+
+    Without packing a row is the document truncated to `max_length` tokens, `</s>` included (the
+    tokenizer keeps room for it); with packing it is the whole document, `</s>` at its end.
+    """
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        if packing:
+            ids = tokenizer(batch["text"], verbose=False)["input_ids"]
+        else:
+            ids = tokenizer(batch["text"], max_length=max_length, truncation=True)["input_ids"]
+        return {"input_ids": ids}
+
+    return stream.map(encode, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=["text"])
+
+
+def pad_documents(documents: list[list[int]], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to `max_length`: `input_ids`, `attention_mask` and `labels` (padding -> -100)."""
+    batch = tokenizer.pad(
+        {"input_ids": documents}, padding="max_length", max_length=max_length, padding_side="right", return_tensors="pt"
+    )
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def packed_rows(tokens: list[int], batch_size: int, max_length: int) -> dict[str, torch.Tensor]:
+    """`batch_size * max_length` concatenated tokens as full rows: no padding, labels = ids."""
+    ids = torch.tensor(tokens, dtype=torch.long).view(batch_size, max_length)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def iter_eval_batches(*, tokenizer, data_dir, max_length: int, batch_size: int, rank: int = 0, world_size: int = 1):
+    """Validation batches of this rank, in file order (no shuffle): identical on every run."""
+    _check_lengths(max_length=max_length, batch_size=batch_size, rank=rank, world_size=world_size)
+    stream = split_dataset_by_node(open_c4(data_dir, "validation"), rank=rank, world_size=world_size)
+    documents: list[list[int]] = []
+    for row in tokenize(stream, tokenizer, max_length=max_length, packing=False):
+        documents.append(row["input_ids"])
+        if len(documents) == batch_size:
+            yield pad_documents(documents, tokenizer, max_length)
+            documents = []
+    if documents:
+        yield pad_documents(documents, tokenizer, max_length)
+
+
+def _check_lengths(*, max_length: int, batch_size: int, rank: int, world_size: int) -> None:
+    if max_length < 2:
+        raise ValueError(f"max_length {max_length}: must be at least 2 (a token and its next-token target)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be at least 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+
+
+# ----------------------------------------------------------------------------- shuffle buffer
+
+
+def _encode_rows(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """A list of token lists as two tensors (flat int32 tokens and row lengths) for a checkpoint."""
+    flat = [token for row in rows for token in row]
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    return {"tokens": torch.tensor(flat, dtype=torch.int32), "lengths": lengths}
+
+
+def _decode_rows(state: dict[str, torch.Tensor]) -> list[list[int]]:
+    flat = state["tokens"].tolist()
+    rows, start = [], 0
+    for length in state["lengths"].tolist():
+        rows.append(flat[start : start + length])
+        start += length
+    return rows
+
+
+class DocumentShuffleBuffer:
+    """Reservoir-style shuffle buffer whose contents and generator state can be checkpointed.
+
+    `push(doc)`: while fewer than `size` documents are held, keep it and return None; once full,
+    return a uniformly chosen held document and keep `doc` in its place. `drain()` returns what is
+    left in a random order. With size 1 documents pass straight through (no shuffling).
+    """
+
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size = size
+        self.rng = rng
+        self.rows: list[list[int]] = []
+
+    def push(self, row: list[int]) -> list[int] | None:
+        if len(self.rows) < self.size:
+            self.rows.append(row)
+            return None
+        index = int(self.rng.integers(self.size))
+        out, self.rows[index] = self.rows[index], row
+        return out
+
+    def drain(self) -> list[list[int]]:
+        order = self.rng.permutation(len(self.rows))
+        rows, self.rows = [self.rows[i] for i in order], []
+        return rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": _encode_rows(self.rows), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = _decode_rows(state["rows"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+# ----------------------------------------------------------------------------- train loader
+
+
+def _token_lists(examples: list[dict[str, list[int]]]) -> list[list[int]]:
+    """DataLoader collate: keep variable-length rows as lists (they are batched after the shuffle)."""
+    return [example["input_ids"] for example in examples]
+
+
+class TrainLoader:
+    """Endless, resumable iterator of training batches for one rank (see the module docstring).
+
+    Yields dicts of LongTensor (batch_size, max_length): `input_ids`, `attention_mask`, `labels`.
+    `state_dict()` is made of python numbers, strings, dicts, lists and tensors only, so it
+    round-trips `torch.save`/`torch.load(weights_only=True)`; only one iterator at a time is meaningful.
+    """
+
+    def __init__(
+        self,
+        documents: datasets.IterableDataset,
+        *,
+        tokenizer,
+        max_length: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        packing: bool,
+        shuffle_buffer: int,
+    ):
+        self.documents = documents
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.workers = workers
+        self.packing = packing
+        self.shuffle_buffer = shuffle_buffer
+        # Documents (or, with packing, tokens) out of the buffer that do not fill a batch yet; they
+        # carry over into the next epoch's first batch.
+        self.ready: list = []
+        self._start_epoch(0)
+
+    # --- one pass over the stream
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stream_finished = False
+        self.buffer = DocumentShuffleBuffer(self.shuffle_buffer, np.random.default_rng([self.seed, epoch, self.rank]))
+        self.documents.set_epoch(epoch)
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls torch.set_vital, deprecated in recent torch: noise, not a problem of ours.
+            warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
+            self.loader = StatefulDataLoader(
+                self.documents,
+                batch_size=self.batch_size,  # documents per transfer from a worker, not a training batch
+                num_workers=self.workers,
+                collate_fn=_token_lists,
+            )
+
+    def _take(self, row: list[int]) -> None:
+        if self.packing:
+            self.ready.extend(row)
+        else:
+            self.ready.append(row)
+
+    def _full_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.packing:
+            size = self.batch_size * self.max_length
+            while len(self.ready) >= size:
+                tokens, self.ready = self.ready[:size], self.ready[size:]
+                yield packed_rows(tokens, self.batch_size, self.max_length)
+        else:
+            while len(self.ready) >= self.batch_size:
+                rows, self.ready = self.ready[: self.batch_size], self.ready[self.batch_size :]
+                yield pad_documents(rows, self.tokenizer, self.max_length)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        empty_passes = 0  # a resumed pass may have nothing left; two in a row means no data at all
+        while True:
+            if self.stream_finished:
+                self._start_epoch(self.epoch + 1)
+            # All bookkeeping is updated before each yield, so state_dict() between batches is exact.
+            documents = 0
+            for chunk in self.loader:
+                documents += len(chunk)
+                for row in chunk:
+                    out = self.buffer.push(row)
+                    if out is not None:
+                        self._take(out)
+                yield from self._full_batches()
+            for row in self.buffer.drain():
+                self._take(row)
+            self.stream_finished = True
+            yield from self._full_batches()
+            empty_passes = empty_passes + 1 if documents == 0 else 0
+            if empty_passes == 2:
+                raise ValueError(f"rank {self.rank} of {self.world_size} has no training documents to read")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart at the beginning of pass `epoch` (its own shard order and buffer permutation)."""
+        self.ready = []
+        self._start_epoch(epoch)
+
+    # --- checkpointing
+
+    def _settings(self) -> dict[str, Any]:
+        names = ("max_length", "batch_size", "seed", "rank", "world_size", "workers", "packing", "shuffle_buffer")
+        return {name: getattr(self, name) for name in names}
+
+    def state_dict(self) -> dict[str, Any]:
+        ready = torch.tensor(self.ready, dtype=torch.int32) if self.packing else _encode_rows(self.ready)
+        return {
+            "settings": self._settings(),
+            "epoch": self.epoch,
+            "stream_finished": self.stream_finished,
+            "loader": None if self.stream_finished else self.loader.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "ready": ready,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` was taken; the loader settings must be the same."""
+        if state["settings"] != self._settings():
+            saved, here = state["settings"], self._settings()
+            raise ValueError(f"data loader state was saved with {saved}, this loader has {here}")
+        self._start_epoch(state["epoch"])
+        self.stream_finished = state["stream_finished"]
+        if state["loader"] is not None:
+            self.loader.load_state_dict(state["loader"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.ready = state["ready"].tolist() if self.packing else _decode_rows(state["ready"])
+
+
+def build_train_loader(
+    *,
+    tokenizer,
+    data_dir: str | PathLike | None,
+    max_length: int,
+    batch_size: int,
+    seed: int = 42,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    packing: bool = False,
+    shuffle_buffer: int = 10_000,
+) -> TrainLoader:
+    """The endless training loader of `rank` (see the module docstring for the pipeline)."""
+    _check_lengths(max_length=max_length, batch_size=batch_size, rank=rank, world_size=world_size)
+    if workers < 0:
+        raise ValueError(f"workers {workers}: must be >= 0")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer {shuffle_buffer}: must be >= 1 (1 = no document shuffling)")
+    # Shard order only: a one-document datasets buffer holds nothing that a checkpoint could lose.
+    stream = open_c4(data_dir, "train").shuffle(seed=seed, buffer_size=1, max_buffer_input_shards=1)
+    stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    documents = tokenize(stream, tokenizer, max_length=max_length, packing=packing)
+    return TrainLoader(
+        documents,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        packing=packing,
+        shuffle_buffer=shuffle_buffer,
+    )

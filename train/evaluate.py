@@ -1,0 +1,97 @@
+"""Validation loss and perplexity: the token-weighted mean cross-entropy of PROTOCOL.md.
+
+    loss = sum over every non-ignored target token t of -log p(t | its prefix)  /  number of such targets
+    perplexity = exp(loss)
+
+Targets are the next-token labels of each row (`labels[:, 1:]`, padding = -100 ignored), so a document
+of n tokens contributes n - 1 targets. With torch.distributed initialised, the two sums are all-reduced
+before the division, which makes the result the mean over all ranks' tokens, not a mean of rank means.
+The published code instead averaged per-batch means and divided by (batches + 1); that bias is not kept.
+
+The validation documents come in file order with no shuffle (identical on every run), tokenised by
+`train.data` exactly as in training, split across ranks, and read until about `eval_tokens` targets
+have been scored in total (each rank stops after its share, at a batch boundary).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from train.data import IGNORE_INDEX, iter_eval_batches
+
+
+@dataclass
+class EvalResult:
+    """Token-weighted validation loss (nats per token), its exp, and the number of targets scored."""
+
+    loss: float
+    perplexity: float
+    tokens: int
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Number of scored next-token targets in a batch: labels[:, 1:] that are not -100."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy of one batch, as a float64 scalar on the batch's device."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    # Position i predicts token i+1; the last position has no target. Shifting the labels, not the
+    # logits, keeps the (B, T, V) logits a view instead of copying them.
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+    # At least float32: a bf16 log-softmax over 32k classes loses accuracy that comparisons need.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum.double()
+
+
+def evaluate(
+    model: torch.nn.Module,
+    *,
+    tokenizer,
+    data_dir,
+    max_length: int,
+    batch_size: int,
+    eval_tokens: int = 10_000_000,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> EvalResult:
+    """Score the validation split (see the module docstring); the model's train/eval mode is restored."""
+    if eval_tokens < 1:
+        raise ValueError(f"eval_tokens {eval_tokens}: must be at least 1")
+    budget = math.ceil(eval_tokens / world_size)  # this rank's share of the targets
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0  # counted on the CPU copy of the labels: no device sync per batch
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batches = iter_eval_batches(
+                tokenizer=tokenizer,
+                data_dir=data_dir,
+                max_length=max_length,
+                batch_size=batch_size,
+                rank=rank,
+                world_size=world_size,
+            )
+            for batch in batches:
+                loss_sum += batch_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+                count += count_targets(batch["labels"])
+                if count >= budget:
+                    break
+    finally:
+        model.train(was_training)
+    totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    tokens = int(totals[1].item())
+    if tokens == 0:
+        raise ValueError(f"validation data in {data_dir or 'the hub'} gave no target tokens at max_length {max_length}")
+    loss = totals[0].item() / tokens
+    return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=tokens)
