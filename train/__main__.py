@@ -62,7 +62,7 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[Any, list[str]]:
     except (ValueError, TypeError) as error:
         raise ConfigError(f"--optimizer {config.optimizer}: {error}") from None
 
-    if config.wandb == "online":
+    if config.wandb == "online" and not config.dry_run:
         import wandb
         if not wandb.login(prompt=False, verify=False):
             raise ConfigError("--wandb online needs a W&B login: run `wandb login` or set WANDB_API_KEY, "
@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for warning in warnings + more_warnings:
         say(f"warning: {warning}")
+    if config.dry_run:  # before any process group: a launcher may set WORLD_SIZE for a single dry-run process
+        from train.plan import describe
+
+        if rank == 0:
+            print("\n".join(describe(config, world_size)), flush=True)
+        return 0
 
     from train.loop import NonFiniteLossError, train
 

@@ -107,6 +107,8 @@ class TrainConfig:
               "or the run folder of --continue_from)")
     continue_from: Optional[str] = option(None, "resume exactly from a checkpoint folder, or the latest checkpoint of a run folder")
     seed: int = option(0, "seed of torch, python and numpy random (model initialisation)")
+    dry_run: bool = option(False, "check everything and print the plan (parameter split, batch arithmetic, steps, tokens, "
+                                  "memory estimate) without training: nothing is allocated, no data is read")
     nan_policy: str = option("stop", "on a NaN/inf loss: stop (exit 1, naming the update) or skip that update",
                              choices=("stop", "skip"))
 

@@ -6,6 +6,7 @@
 #   TOKENIZER   tokenizer name or folder (default t5-base)
 #   WANDB_MODE  online | offline | disabled (default online)
 #   TOTAL_BATCH sequences per update (default 512); MAX_LENGTH tokens per sequence (default: the recipe's)
+#   PRINT_COMMAND=1 prints the launch command instead of running it
 # Gradient accumulation is derived so that micro-batch x accumulation x NGPU = TOTAL_BATCH for any NGPU;
 # the micro-batch shrinks when NGPU x micro-batch alone would exceed the total.
 set -euo pipefail
@@ -25,6 +26,9 @@ launch() {
     local flags=(--batch_size "$micro" --gradient_accumulation $(( per_gpu / micro )) --total_batch_size "$total"
                  --max_length "${MAX_LENGTH:-256}" --tokenizer "${TOKENIZER:-t5-base}" --wandb "${WANDB_MODE:-online}")
     [[ -n "${DATA_DIR:-}" ]] && flags+=(--data_dir "$DATA_DIR")
+    if [[ -n "${PRINT_COMMAND:-}" ]]; then
+        printf '%q ' torchrun --standalone --nproc_per_node "$ngpu" -m train "${flags[@]}" "$@"; echo; exit 0
+    fi
     if [[ " $* " == *" --dry_run "* ]]; then
         # one process that sees the world size the real launch would have: nothing is allocated
         WORLD_SIZE=$ngpu RANK=0 LOCAL_RANK=0 exec python -m train "${flags[@]}" "$@"

@@ -1,0 +1,52 @@
+"""What a run will do, in a few lines, without doing it: the output of `python -m train ... --dry_run`.
+
+Everything is computed on the meta device (no weights, no data): the parameter split the optimizer will
+see, the batch arithmetic, steps and tokens, and the memory estimate of train/memory.py for one process.
+"""
+from __future__ import annotations
+
+import apollo
+from train.config import TrainConfig, family, optimizer_options
+from train.memory import GB, estimate
+from train.model import build_model, parameter_counts
+
+
+def _optimizer_summary(config: TrainConfig, model) -> str:
+    """The optimizer and the low-rank settings it resolves to (presets filled in)."""
+    if config.optimizer == "adamw":
+        return f"adamw (torch.optim.AdamW), lr {config.lr:g}, betas ({config.beta1}, {config.beta2})"
+    options = optimizer_options(config)
+    optimizer = apollo.build_optimizer(config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, **options)
+    low = optimizer.param_groups[1]
+    fields = [f"rank {low['rank']}", f"proj {low.get('proj', 'svd')}/{low['proj_type']}", f"T {low['update_proj_gap']}",
+              f"scale {low['scale']:g}"]
+    if family(config.optimizer) == "apollo":
+        fields += [f"scale_type {low['scale_type']}", f"scale_front {low['scale_front']}"]
+    return f"{config.optimizer}: {', '.join(fields)}; lr {config.lr:g}, states {config.state_dtype}"
+
+
+def describe(config: TrainConfig, world_size: int) -> list[str]:
+    """Lines that describe the resolved run for `world_size` processes."""
+    model = build_model(config.model_config, dtype=config.dtype, device="meta")
+    counts = parameter_counts(model)
+    tokens_per_update = config.total_batch_size * config.max_length
+    memory = estimate(
+        config.model_config, optimizer=config.optimizer, batch_size=config.batch_size, max_length=config.max_length,
+        rank=config.rank if config.optimizer != "adamw" else None, activation_checkpointing=config.activation_checkpointing,
+        dtype=config.dtype, state_dtype=config.state_dtype, packing=config.packing,
+    )
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    return [
+        f"dry run: {config.name} -> {config.save_dir}",
+        f"model: {config.model_config}: {counts['total'] / 1e6:.1f}M parameters = {counts['low_rank'] / 1e6:.1f}M low-rank "
+        f"(attn/mlp linears) + {counts['regular'] / 1e6:.1f}M regular (embeddings, lm_head, norms); {config.dtype}",
+        f"optimizer: {_optimizer_summary(config, model)}",
+        f"batch: {config.batch_size} sequences x {config.gradient_accumulation} accumulation x {processes} = "
+        f"{config.total_batch_size} sequences x {config.max_length} tokens = {tokens_per_update:,} token slots per update",
+        f"schedule: {config.num_training_steps:,} updates ({config.warmup_steps:,} warmup, {config.scheduler} to "
+        f"{config.min_lr_ratio:g} x lr) = {config.num_training_steps * tokens_per_update / 1e9:.2f}B token slots; "
+        f"eval every {config.eval_every:,}, save every {config.save_every:,}",
+        f"memory per process (estimate, {config.dtype}, micro-batch {config.batch_size}): "
+        f"weights {memory.weights / GB:.2f} GB, gradients {memory.gradients / GB:.2f} GB, optimizer states "
+        f"{memory.optimizer_states / GB:.3f} GB, activations {memory.activations / GB:.2f} GB, total {memory.total / GB:.2f} GB",
+    ]
