@@ -145,6 +145,18 @@ def markdown_table(runs: list[Run]) -> str:
     return "\n".join([header, *rows]) + "\n"
 
 
+def best_per(runs: list[Run], key: str) -> list[Run]:
+    """The run with the lowest best perplexity for each value of config[key] (e.g. the best lr per optimizer)."""
+    best: dict[Any, Run] = {}
+    for run in runs:
+        if run.best_perplexity is None:
+            continue
+        value = run.config.get(key)
+        if value not in best or run.best_perplexity < best[value].best_perplexity:
+            best[value] = run
+    return list(best.values())
+
+
 def smooth(values: list[float], weight: float) -> list[float]:
     """Debiased exponential moving average (as in TensorBoard): s_t = w s_{t-1} + (1 - w) x_t, divided by 1 - w^t."""
     smoothed, average = [], 0.0
@@ -181,8 +193,13 @@ def plot(runs: list[Run], out_png: Path, *, title: str, smoothing: float) -> Non
     plt.close(figure)
 
 
-def compare(paths: list[str], out_dir: str | Path, *, title: str = "", smoothing: float = 0.9) -> list[Run]:
-    """Load every run it can, report the others on stderr, write comparison.md and perplexity.png into out_dir."""
+def compare(paths: list[str], out_dir: str | Path, *, title: str = "", smoothing: float = 0.9,
+            best_per_key: str | None = None) -> list[Run]:
+    """Load every run it can, report the others on stderr, write comparison.md and perplexity.png into out_dir.
+
+    With `best_per_key` (e.g. "optimizer"), comparison.md opens with a table of the best run per value of
+    that config key, and the PNG shows only those runs; the table of all runs follows.
+    """
     runs = []
     for path in paths:
         try:
@@ -197,8 +214,13 @@ def compare(paths: list[str], out_dir: str | Path, *, title: str = "", smoothing
         raise RunError("none of the given directories holds a run to compare")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.md").write_text(markdown_table(runs), encoding="utf-8")
-    plot(runs, out_dir / "perplexity.png", title=title, smoothing=smoothing)
+    text, plotted = markdown_table(runs), runs
+    if best_per_key:
+        plotted = best_per(runs, best_per_key) or runs
+        text = (f"Best run per {best_per_key} (lowest validation perplexity):\n\n{markdown_table(plotted)}\n"
+                f"All runs:\n\n{text}")
+    (out_dir / "comparison.md").write_text(text, encoding="utf-8")
+    plot(plotted, out_dir / "perplexity.png", title=title, smoothing=smoothing)
     return runs
 
 
@@ -208,16 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="comparison", help="folder for comparison.md and perplexity.png")
     parser.add_argument("--title", default="", help="figure title")
     parser.add_argument("--smoothing", type=float, default=0.9, help="EMA weight of the training-loss curve, in [0, 1)")
+    parser.add_argument("--best_per", default=None, metavar="KEY",
+                        help="also table (and plot only) the best run per value of this config key, e.g. optimizer")
     args = parser.parse_args(argv)
     if not 0.0 <= args.smoothing < 1.0 or math.isnan(args.smoothing):
         print(f"compare: --smoothing must be in [0, 1), got {args.smoothing}", file=sys.stderr)
         return 2
     try:
-        runs = compare(args.runs, args.out, title=args.title, smoothing=args.smoothing)
+        runs = compare(args.runs, args.out, title=args.title, smoothing=args.smoothing, best_per_key=args.best_per)
     except RunError as error:
         print(f"compare: {error}", file=sys.stderr)
         return 1
-    print(markdown_table(runs), end="")
+    print((Path(args.out) / "comparison.md").read_text(encoding="utf-8"), end="")
     print(f"wrote {Path(args.out) / 'comparison.md'} and {Path(args.out) / 'perplexity.png'}", file=sys.stderr)
     return 0
 

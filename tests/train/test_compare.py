@@ -88,3 +88,16 @@ def test_a_resumed_run_keeps_its_final_timeline(tmp_path):
     run = compare.load_run(_write_run(tmp_path / "r", {"name": "r"}, records))
     assert run.train == [(1000, 4.9), (2000, 9.0)]
     assert run.evals == [(1000, 40.0), (2000, 20.0)]
+
+
+def test_best_per_optimizer(tmp_path):
+    runs = [
+        _write_run(tmp_path / "a1", {"name": "a-lr1", "optimizer": "adamw", "lr": 1}, _records([50.0, 40.0])),
+        _write_run(tmp_path / "a2", {"name": "a-lr2", "optimizer": "adamw", "lr": 2}, _records([45.0, 42.0])),
+        _write_run(tmp_path / "m1", {"name": "m-lr1", "optimizer": "apollo_mini", "lr": 1}, _records([60.0, 39.0])),
+    ]
+    compare.compare([str(r) for r in runs], tmp_path / "out", best_per_key="optimizer")
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    best, everything = text.split("All runs:")
+    assert "| m-lr1 |" in best and "| a-lr1 |" in best and "| a-lr2 |" not in best
+    assert everything.count("\n| ") == 1 + 3  # header + 3 runs
