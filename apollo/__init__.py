@@ -4,6 +4,8 @@
     optimizer = apollo.build_optimizer("apollo_mini", model, lr=0.01)   # or "apollo", "apollo_svd", "galore", "adamw"
 
 or, with explicit groups: `apollo.APOLLO(apollo.param_groups(model, rank=128), lr=0.01)`.
+int8 weights: `apollo.quantize_model(model)` before building the optimizer; per-parameter updates
+during backward: `apollo.LayerwiseOptimizer(model, "apollo_mini", lr=0.01)`.
 """
 from .factory import (
     ALIASES,
@@ -14,16 +16,23 @@ from .factory import (
     optimizer_state_bytes,
     param_groups,
 )
+from .layerwise import LayerwiseOptimizer, check_layerwise
 from .optimizer import APOLLO, GaLore
+from .quant import QuantLinear, all_reduce_quantized_grads, quantize_model
 
 __all__ = [
     "APOLLO",
     "GaLore",
+    "LayerwiseOptimizer",
+    "QuantLinear",
     "ALIASES",
     "OPTIMIZER_NAMES",
     "PRESETS",
+    "all_reduce_quantized_grads",
     "build_optimizer",
     "canonical_name",
+    "check_layerwise",
     "optimizer_state_bytes",
     "param_groups",
+    "quantize_model",
 ]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .optimizer import APOLLO, GaLore
+from .quant import QuantLinear, is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +51,23 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into `[regular, low_rank]` param groups.
 
-    Low-rank: the `.weight` of every `nn.Linear` whose qualified module name contains one of
-    `target_modules` (for LLaMA: q/k/v/o_proj and gate/up/down_proj). Everything else (embeddings,
-    lm_head, norms, biases) is regular. `lowrank_options` (rank, scale, ...) go into the low-rank group.
-    Every trainable parameter lands in exactly one group; the counts are logged.
+    Low-rank: the `.weight` of every `nn.Linear` (or int8 `QuantLinear`) whose qualified module name
+    contains one of `target_modules` (for LLaMA: q/k/v/o_proj and gate/up/down_proj). Everything else
+    (embeddings, lm_head, norms, biases) is regular. `lowrank_options` (rank, scale, ...) go into the
+    low-rank group. Every trainable parameter lands in exactly one group; the counts are logged.
+    An int8 weight (requires_grad False, gradient in ``float_grad``) counts as trainable.
     """
     low_rank_ids: set[int] = set()
     low_rank: list[nn.Parameter] = []
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(target in module_name for target in target_modules):
+        if isinstance(module, (nn.Linear, QuantLinear)) and any(target in module_name for target in target_modules):
             weight = module.weight
-            if weight.requires_grad and weight.dim() == 2 and id(weight) not in low_rank_ids:
+            if _trainable(weight) and weight.dim() == 2 and id(weight) not in low_rank_ids:
                 low_rank_ids.add(id(weight))
                 low_rank.append(weight)
-    regular = [p for p in model.parameters() if p.requires_grad and id(p) not in low_rank_ids]
+    regular = [p for p in model.parameters() if _trainable(p) and id(p) not in low_rank_ids]
     covered = len(regular) + len(low_rank)
-    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    trainable = sum(1 for p in model.parameters() if _trainable(p))
     assert covered == trainable, f"param_groups covered {covered} of {trainable} trainable parameters"
     logger.info(
         "param_groups: %d low-rank tensors (%.2fM values), %d regular tensors (%.2fM values)",
@@ -76,6 +78,10 @@ def param_groups(
         {"params": regular, "name": "regular"},
         {"params": low_rank, "name": "low_rank", **lowrank_options},
     ]
+
+
+def _trainable(param: torch.Tensor) -> bool:
+    return param.requires_grad or is_quantized(param)
 
 
 def _default_rank(model: nn.Module) -> int:
@@ -105,6 +111,9 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
         raise ValueError(f"optimizer {key!r} does not take option(s) {', '.join(unknown)}")
     optimizer_kwargs = {k: options.pop(k) for k in list(options) if k in _OPTIMIZER_KEYS}
     if key == "adamw":
+        if any(is_quantized(p) for p in model.parameters()):
+            raise ValueError("torch.optim.AdamW cannot update int8 weights (--weight_quant); "
+                             "choose apollo, apollo_mini, apollo_svd or galore")
         adamw_kwargs = {k: v for k, v in optimizer_kwargs.items() if k in ("betas", "eps")}
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **adamw_kwargs)
 
@@ -118,7 +127,10 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in `optimizer.state`: tensors at their storage size, Python ints/floats as 8 bytes."""
+    """Bytes held in `optimizer.state`: tensors at their storage size, Python ints/floats as 8 bytes.
+
+    Works on anything with a torch-style ``state`` mapping (a `LayerwiseOptimizer` merges its own).
+    """
     total = 0
     for state in optimizer.state.values():
         for value in state.values():

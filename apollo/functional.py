@@ -39,11 +39,15 @@ def adam_direction(
 
     M_t = beta1 M_{t-1} + (1 - beta1) g_t;  V_t = beta2 V_{t-1} + (1 - beta2) g_t^2.
     `grad` is cast to the moments' dtype (the state dtype may be wider than the parameter's).
+    Peak scratch: one moment-sized tensor (the cast copy of `grad` is freed before sqrt(V) is
+    allocated, and the division writes into sqrt(V)'s memory): what train.memory counts.
     """
     grad = grad.to(exp_avg.dtype)
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+    del grad
+    denom = exp_avg_sq.sqrt().add_(eps)
+    return torch.div(exp_avg, denom, out=denom)
 
 
 def adamw_update(

@@ -1,6 +1,8 @@
 r"""The optimizer classes: validation, parameter groups, lazily created state, and step() bookkeeping.
 
-The math lives in `functional.py`; projections and seeds in `projection.py`.
+The math lives in `functional.py`; projections and seeds in `projection.py`. An int8 weight
+(`quant.QuantLinear`) is updated through `quant.float_weight`: its ``float_grad`` is the gradient, a
+float32 copy is updated, then re-quantised; its state is float (the gradient's dtype by default).
 
 A param group that carries a ``rank`` is a *low-rank* group (2-D weights only); every other group gets
 the AdamW of the spec (epsilon on the uncorrected :math:`\sqrt{V}`, decoupled decay after the update).
@@ -31,7 +33,9 @@ import torch
 from torch.optim import Optimizer
 
 from . import functional as F
-from .projection import PROJ_TYPES, advance_seed, projected_shape, projection_side, random_projection, svd_projection
+from . import quant
+from .projection import (PROJ_TYPES, advance_seed, projected_shape, projection_shape, projection_side,
+                         random_projection, svd_projection)
 
 PROJ_KINDS = ("random", "svd")
 SCALE_TYPES = ("channel", "tensor")
@@ -141,11 +145,12 @@ class _LowRankAdam(Optimizer):
                     return group["initial_seed"] + index if "initial_seed" in group else position
         raise RuntimeError("parameter not found in this optimizer's param groups")
 
-    def _moments(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any], shape) -> None:
-        dtype = self._state_dtype(group, param)
+    def _moments(self, group: dict[str, Any], like: torch.Tensor, state: dict[str, Any], shape) -> None:
+        """Zero moments of `shape` on `like`'s device, in the state dtype (default: `like`'s dtype)."""
+        dtype = self._state_dtype(group, like)
         state["step"] = 0
-        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=like.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=like.device)
 
     def _projection(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any], side: str):
         """The P of this step: redrawn at steps 1, T+1, 2T+1, ... (pre-increment step % T == 0)."""
@@ -160,7 +165,10 @@ class _LowRankAdam(Optimizer):
             state.pop("projection", None)
         if "projection" in state:
             return state["projection"]
-        proj = random_projection(state["proj_seed"], param.shape, rank, side, device=param.device, dtype=param.dtype)
+        if param.device.type == "meta":  # shapes only (train.memory counts state by stepping on the meta device)
+            proj = torch.empty(projection_shape(param.shape, rank, side), device="meta", dtype=grad.dtype)
+        else:
+            proj = random_projection(state["proj_seed"], param.shape, rank, side, device=param.device, dtype=grad.dtype)
         if group["store_projection"]:
             state["projection"] = proj
         return proj
@@ -190,28 +198,39 @@ class _LowRankAdam(Optimizer):
         for group in self.param_groups:
             low_rank = group.get("rank") is not None
             for param in group["params"]:
-                if param.grad is None:
+                grad = quant.gradient(param)  # .grad, or float_grad of an int8 weight
+                if grad is None:
                     continue
-                if param.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if low_rank:
-                    self._step_low_rank(param, param.grad, group)
-                else:
-                    self._step_regular(param, param.grad, group)
+                # an int8 weight is updated as float32 and re-quantised (state stays keyed by `param`)
+                with quant.float_weight(param) as weight:
+                    if low_rank:
+                        self._step_low_rank(param, grad, group, weight)
+                    else:
+                        self._step_regular(param, grad, group, weight)
         return loss
 
-    def _step_regular(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset ``.grad`` as torch does, and drop ``float_grad`` of int8 weights."""
+        super().zero_grad(set_to_none)
+        quant.clear_float_grads(p for group in self.param_groups for p in group["params"])
+
+    # In the two updates below, `param` keys the state and the projection seed, `weight` is the tensor
+    # updated in place (`param` itself, or the float32 copy of an int8 weight), and the state and P
+    # follow the dtype of `grad` (the parameter's dtype, or the compute dtype of an int8 weight).
+    def _step_regular(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], weight: torch.Tensor) -> None:
         state = self.state[param]
         if not state:
-            self._moments(group, param, state, param.shape)
+            self._moments(group, grad, state, param.shape)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         F.adamw_update(
-            param, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
+            weight, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
             beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
         )
 
-    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], weight: torch.Tensor) -> None:
         raise NotImplementedError  # each subclass defines its low-rank update
 
 
@@ -258,16 +277,16 @@ class APOLLO(_LowRankAdam):
         if not group["norm_growth_gamma"] >= 1.0:
             raise ValueError(f"{name}: norm_growth_gamma must be >= 1, got {group['norm_growth_gamma']!r}")
 
-    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], weight: torch.Tensor) -> None:
         state = self.state[param]
         side = projection_side(param.shape, group["proj_type"])
         if not state:
-            self._moments(group, param, state, projected_shape(param.shape, group["rank"], side))
+            self._moments(group, grad, state, projected_shape(param.shape, group["rank"], side))
         proj = self._projection(param, grad, group, state, side)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         new_norm = F.apollo_update(
-            param, grad, proj, state["exp_avg"], state["exp_avg_sq"], state.get("limiter_norm"),
+            weight, grad, proj, state["exp_avg"], state["exp_avg_sq"], state.get("limiter_norm"),
             side=side, step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], scale_type=group["scale_type"], scale=group["scale"],
             scale_front=group["scale_front"],
@@ -297,16 +316,16 @@ class GaLore(_LowRankAdam):
         if group.get("proj", "svd") != "svd":
             raise ValueError(f"{name}: GaLore projects with the gradient's SVD only, got proj={group['proj']!r}")
 
-    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], weight: torch.Tensor) -> None:
         state = self.state[param]
         side = projection_side(param.shape, group["proj_type"])
         if not state:
-            self._moments(group, param, state, projected_shape(param.shape, group["rank"], side))
+            self._moments(group, grad, state, projected_shape(param.shape, group["rank"], side))
         proj = self._projection(param, grad, group, state, side)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         F.galore_update(
-            param, grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, step=state["step"],
+            weight, grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, step=state["step"],
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             scale=group["scale"],
         )

@@ -12,14 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import apollo
+from train.build import build_optimizer, quantize
 from train.checkpoint import checkpoint_world_size, find_checkpoint
-from train.config import ConfigError, TrainConfig, optimizer_options, parse_args, resolve
+from train.config import ConfigError, TrainConfig, parse_args, resolve
 from train.distributed import broadcast_object, env_world, setup, teardown
 
 # Settings that may change between a run and its resumption without a warning.
 _RESUMABLE_CHANGES = {"continue_from", "save_dir", "name", "project", "entity", "wandb", "workers", "eval_every",
                       "save_every", "log_every", "eval_tokens", "eval_batch_size", "nan_policy"}
+# Settings that decide the layout of a checkpoint's weights and optimizer state: a resume must keep them.
+_LAYOUT_SETTINGS = ("weight_quant", "weight_group_size", "layerwise")
+_DEFAULTS = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig) if spec.default is not dataclasses.MISSING}
 
 
 def preflight(config: TrainConfig, world_size: int) -> tuple[Any, list[str]]:
@@ -45,6 +48,12 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[Any, list[str]]:
             raise ConfigError(f"--continue_from {checkpoint} was written by {saved_ranks} processes; "
                               f"resume it with {saved_ranks}, not {world_size}")
         saved = json.loads((checkpoint / "config.json").read_text())
+        saved = {**_DEFAULTS, **saved}  # a flag newer than the checkpoint had its default there
+        layout_keys = _LAYOUT_SETTINGS if config.weight_quant else ("weight_quant", "layerwise")
+        for key in layout_keys:  # they change what model.safetensors / optimizer.pt hold
+            if saved.get(key) != getattr(config, key):
+                raise ConfigError(f"--continue_from {checkpoint} was saved with --{key} {saved.get(key)}; resume it with "
+                                  f"the same setting (got {getattr(config, key)})")
         changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in config.to_dict().items()
                    if key not in _RESUMABLE_CHANGES and saved.get(key) != value]
         if changed:
@@ -56,9 +65,12 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[Any, list[str]]:
         raise ConfigError(f"--data_dir: {error}") from None
 
     meta_model = build_model(llama_config, dtype=config.dtype, device="meta")
+    try:  # int8 groups must divide every attention/MLP weight
+        quantize(meta_model, config)
+    except ValueError as error:
+        raise ConfigError(f"--weight_group_size {config.weight_group_size}: {error}") from None
     try:  # the optimizer's own checks (rank, scale, ...) on a weightless copy of the model
-        apollo.build_optimizer(config.optimizer, meta_model, lr=config.lr, weight_decay=config.weight_decay,
-                               **optimizer_options(config))
+        build_optimizer(meta_model, config)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"--optimizer {config.optimizer}: {error}") from None
 

@@ -23,6 +23,8 @@ from typing import Any, Optional
 import torch
 
 import apollo
+from apollo.layerwise import check_layerwise
+from apollo.quant import SUPPORTED_BITS
 
 
 class ConfigError(ValueError):
@@ -97,6 +99,13 @@ class TrainConfig:
                                   choices=("bfloat16", "float32"))
     activation_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     single_gpu: bool = option(False, "one process, no DistributedDataParallel wrapper")
+    weight_quant: bool = option(False, "store attention/MLP weights as uint8 groups (Q-APOLLO; needs a low-rank optimizer)")
+    weight_bits: int = option(8, "bits per quantised weight (only 8 is supported)")
+    weight_group_size: int = option(128, "elements per quantisation group (scale and zero point); must divide every "
+                                         "attention/MLP weight")
+    stochastic_round: bool = option(False, "re-quantise updated int8 weights with stochastic rounding (seeded, resumable)")
+    layerwise: bool = option(False, "update each parameter during backward as soon as its gradient exists (one process, "
+                                    "no accumulation, no clipping)")
 
     # -- evaluation, checkpoints, failures -------------------------------------------------------
     eval_every: int = option(5000, "evaluate every this many updates (and at the end)")
@@ -220,6 +229,7 @@ def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list
     if c.dtype is None:
         c.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     warnings += _resolve_optimizer_flags(c)
+    warnings += _resolve_memory_modes(c, world_size)
     if c.wandb is None:
         env_mode = os.environ.get("WANDB_MODE", "online")
         c.wandb = env_mode if env_mode in ("online", "offline", "disabled") else "online"
@@ -277,6 +287,28 @@ def _resolve_optimizer_flags(c: TrainConfig) -> list[str]:
         warnings.append(f"--state_dtype float32 is ignored by adamw: torch.optim.AdamW keeps its states in {c.dtype}")
         c.state_dtype = "param"
     return warnings
+
+
+def _resolve_memory_modes(c: TrainConfig, world_size: int) -> list[str]:
+    """Check --weight_quant and its settings, and --layerwise; warn about quantisation flags without --weight_quant."""
+    if c.weight_group_size < 1:
+        raise ConfigError(f"--weight_group_size must be a positive integer, got {c.weight_group_size}")
+    if c.weight_bits not in SUPPORTED_BITS:
+        raise ConfigError(f"--weight_bits must be 8 (only 8-bit weights are supported), got {c.weight_bits}")
+    if c.weight_quant and family(c.optimizer) == "adamw":
+        raise ConfigError("--weight_quant needs a low-rank optimizer (torch.optim.AdamW cannot update int8 weights): "
+                          "choose --optimizer apollo, apollo_mini, apollo_svd or galore")
+    if c.layerwise:
+        try:
+            check_layerwise(gradient_accumulation=c.gradient_accumulation, grad_clipping=c.grad_clipping,
+                            world_size=world_size, nan_policy=c.nan_policy)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if c.weight_quant:
+        return []
+    defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
+    return [f"--{name} is ignored without --weight_quant" for name in ("weight_bits", "weight_group_size", "stochastic_round")
+            if getattr(c, name) != defaults[name]]
 
 
 def optimizer_options(c: TrainConfig) -> dict[str, Any]:

@@ -6,6 +6,12 @@ Each pass of the loop: lr from the schedule -> eval / save when due -> accumulat
 The health check is the one host read per update: a small all-reduce of [loss, tokens, stop]; every
 other metric (grad norm, ...) is read only at log points. After num_training_steps updates: a final
 evaluation, a final checkpoint and a check that every replica holds the same weights.
+
+Memory modes (train/build.py): --weight_quant stores attention/MLP weights as uint8 (their gradients
+live in `float_grad`, which DDP does not see, so they are all-reduced here before the step);
+--layerwise updates every parameter inside backward, so `optimizer.step()` only closes the update's
+bookkeeping and the logged grad_norm is the one the hooks measured. The lr schedule is applied the same
+way in both modes: every param group's lr is set before the update's forward pass.
 """
 from __future__ import annotations
 
@@ -20,8 +26,10 @@ from typing import Any
 import torch
 
 import apollo
+from apollo import quant
 from train.checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from train.config import TrainConfig, optimizer_options
+from train.build import build_optimizer, quantize
+from train.config import TrainConfig
 from train.data import build_train_loader
 from train.distributed import Distributed, StopSignal, all_gather_floats, all_reduce_sum, unwrap, wrap_model
 from train.evaluate import evaluate
@@ -63,13 +71,13 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     seed_everything(config.seed)
     model = build_model(config.model_config, dtype=config.dtype, device=ctx.device,
                         activation_checkpointing=config.activation_checkpointing)
-    optimizer = apollo.build_optimizer(config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay,
-                                       **optimizer_options(config))
+    counts = parameter_counts(model)  # before quantisation: the int8 layers are no longer nn.Linear
+    quantize(model, config)  # --weight_quant: uint8 attention/MLP weights, before DDP and the optimizer see them
+    optimizer = build_optimizer(model, config)  # --layerwise: updates run from gradient hooks inside backward
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     loader = build_train_loader(tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
                                 batch_size=config.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                 workers=config.workers, packing=config.packing)
-    counts = parameter_counts(model)
     logger = MetricsLogger(run_dir, config.to_dict(), wandb_mode=config.wandb, project=config.project, name=config.name,
                            entity=config.entity, total_steps=config.num_training_steps, enabled=ctx.is_main)
     logger.summarize({f"params/{key}": value for key, value in counts.items()})
@@ -140,11 +148,10 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                     loss.backward()
                 loss_sum += loss.detach()
 
+            if config.weight_quant:
+                quant.all_reduce_quantized_grads(model)  # DDP averages .grad only, not int8 weights' float_grad
             log_now = (step + 1) % config.log_every == 0 or step + 1 == config.num_training_steps or step == start_step
-            if config.grad_clipping > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clipping)
-            elif log_now:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            grad_norm = _clip_or_measure(model, config, measure=log_now)
 
             health = torch.tensor([0.0, tokens, float(stop.requested)], dtype=torch.float64, device=ctx.device)
             health[0] = loss_sum
@@ -152,6 +159,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
             loss_value = loss_total / ctx.world_size
             if math.isfinite(loss_value):
                 optimizer.step()
+                if config.layerwise:  # the gradients were freed in backward; the hooks kept their norm
+                    grad_norm = optimizer.last_grad_norm
             elif config.nan_policy == "stop":
                 raise NonFiniteLossError(step + 1, loss_value)
             else:
@@ -167,7 +176,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
             if log_now:
                 metrics = {"loss": loss_value, "lr": config.lr * multiplier, "tokens_seen": state["tokens_seen"],
                            "throughput_tokens": window_tokens / max(window_seconds, 1e-9),
-                           "grad_norm": float(grad_norm)}
+                           "grad_norm": float(grad_norm) if grad_norm is not None else None}
                 if state["skipped_updates"]:
                     metrics["skipped_updates"] = state["skipped_updates"]
                 if step == start_step + 1:
@@ -199,6 +208,20 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     finally:
         stop.close()
         logger.close(exit_code)
+
+
+def _clip_or_measure(model: torch.nn.Module, config: TrainConfig, *, measure: bool) -> torch.Tensor | None:
+    """Clip the global gradient norm (--grad_clipping), or only measure it when `measure`; int8 weights' float_grad included.
+
+    None with --layerwise: the gradients are gone by now (LayerwiseOptimizer.last_grad_norm has their norm).
+    """
+    if config.layerwise:
+        return None
+    if config.grad_clipping > 0:
+        if config.weight_quant:
+            return quant.clip_grad_norm_(model, config.grad_clipping)
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clipping)
+    return torch.nn.utils.get_total_norm(quant.gradients(model)) if measure else None
 
 
 def _checksum(model: torch.nn.Module) -> list[float]:

@@ -1,7 +1,8 @@
 """What a run will do, in a few lines, without doing it: the output of `python -m train ... --dry_run`.
 
 Everything is computed on the meta device (no weights, no data): the parameter split the optimizer will
-see, the batch arithmetic, steps and tokens, and the memory estimate of train/memory.py for one process.
+see, the batch arithmetic, steps and tokens, the memory modes (--weight_quant, --layerwise) and the memory
+estimate of train/memory.py for one process, with those modes.
 """
 from __future__ import annotations
 
@@ -25,6 +26,17 @@ def _optimizer_summary(config: TrainConfig, model) -> str:
     return f"{config.optimizer}: {', '.join(fields)}; lr {config.lr:g}, states {config.state_dtype}"
 
 
+def _memory_modes(config: TrainConfig) -> str:
+    """int8 weights and layer-wise updates, as set."""
+    modes = []
+    if config.weight_quant:
+        modes.append(f"int{config.weight_bits} attention/MLP weights in groups of {config.weight_group_size} "
+                     f"({'stochastic' if config.stochastic_round else 'nearest'} rounding)")
+    if config.layerwise:
+        modes.append("layer-wise updates during backward")
+    return "; ".join(modes) or "none (full-precision weights, one optimizer step per update)"
+
+
 def describe(config: TrainConfig, world_size: int) -> list[str]:
     """Lines that describe the resolved run for `world_size` processes."""
     model = build_model(config.model_config, dtype=config.dtype, device="meta")
@@ -33,7 +45,9 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
     memory = estimate(
         config.model_config, optimizer=config.optimizer, batch_size=config.batch_size, max_length=config.max_length,
         rank=config.rank if config.optimizer != "adamw" else None, activation_checkpointing=config.activation_checkpointing,
-        dtype=config.dtype, state_dtype=config.state_dtype, packing=config.packing,
+        dtype=config.dtype, state_dtype=config.state_dtype, packing=config.packing, weight_quant=config.weight_quant,
+        weight_group_size=config.weight_group_size, weight_bits=config.weight_bits,
+        stochastic_round=config.stochastic_round, layerwise=config.layerwise,
     )
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     return [
@@ -41,6 +55,7 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         f"model: {config.model_config}: {counts['total'] / 1e6:.1f}M parameters = {counts['low_rank'] / 1e6:.1f}M low-rank "
         f"(attn/mlp linears) + {counts['regular'] / 1e6:.1f}M regular (embeddings, lm_head, norms); {config.dtype}",
         f"optimizer: {_optimizer_summary(config, model)}",
+        f"memory modes: {_memory_modes(config)}",
         f"batch: {config.batch_size} sequences x {config.gradient_accumulation} accumulation x {processes} = "
         f"{config.total_batch_size} sequences x {config.max_length} tokens = {tokens_per_update:,} token slots per update",
         f"schedule: {config.num_training_steps:,} updates ({config.warmup_steps:,} warmup, {config.scheduler} to "
