@@ -231,7 +231,18 @@ class _LowRankAdam(Optimizer):
         )
 
     def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], weight: torch.Tensor) -> None:
-        raise NotImplementedError  # each subclass defines its low-rank update
+        """Bookkeeping shared by every low-rank method: moments, this step's P, the step counter; then its update."""
+        state = self.state[param]
+        side = projection_side(param.shape, group["proj_type"])
+        if not state:
+            self._moments(group, grad, state, projected_shape(param.shape, group["rank"], side))
+        proj = self._projection(param, grad, group, state, side)
+        state["step"] += 1
+        self._low_rank_update(weight, grad, proj, state, group, side)
+
+    def _low_rank_update(self, weight, grad, proj, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
+        """The method's update of `weight` from its gradient, this step's P and its state (APOLLO, GaLore)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no low-rank update")
 
 
 class APOLLO(_LowRankAdam):
@@ -277,13 +288,7 @@ class APOLLO(_LowRankAdam):
         if not group["norm_growth_gamma"] >= 1.0:
             raise ValueError(f"{name}: norm_growth_gamma must be >= 1, got {group['norm_growth_gamma']!r}")
 
-    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], weight: torch.Tensor) -> None:
-        state = self.state[param]
-        side = projection_side(param.shape, group["proj_type"])
-        if not state:
-            self._moments(group, grad, state, projected_shape(param.shape, group["rank"], side))
-        proj = self._projection(param, grad, group, state, side)
-        state["step"] += 1
+    def _low_rank_update(self, weight, grad, proj, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
         beta1, beta2 = group["betas"]
         new_norm = F.apollo_update(
             weight, grad, proj, state["exp_avg"], state["exp_avg_sq"], state.get("limiter_norm"),
@@ -316,13 +321,7 @@ class GaLore(_LowRankAdam):
         if group.get("proj", "svd") != "svd":
             raise ValueError(f"{name}: GaLore projects with the gradient's SVD only, got proj={group['proj']!r}")
 
-    def _step_low_rank(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], weight: torch.Tensor) -> None:
-        state = self.state[param]
-        side = projection_side(param.shape, group["proj_type"])
-        if not state:
-            self._moments(group, grad, state, projected_shape(param.shape, group["rank"], side))
-        proj = self._projection(param, grad, group, state, side)
-        state["step"] += 1
+    def _low_rank_update(self, weight, grad, proj, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
         beta1, beta2 = group["betas"]
         F.galore_update(
             weight, grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, step=state["step"],
