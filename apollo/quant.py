@@ -85,7 +85,8 @@ def quantize(
     return q.reshape(weight.shape), scales, zeros.to(torch.uint8)
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(q - z) * s in float32, reshaped to q's shape, then cast to `dtype`."""
     if q.device.type == "meta":
         return torch.empty(q.shape, dtype=dtype, device="meta")
@@ -147,7 +148,8 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.bits, self.stochastic_round = group_size, bits, bool(stochastic_round)
         self.compute_dtype = dtype or torch.get_default_dtype()  # dtype of float_grad (and of the layer it replaced)
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.uint8, device=device), requires_grad=False)
+        q = torch.zeros(out_features, in_features, dtype=torch.uint8, device=device)
+        self.weight = nn.Parameter(q, requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.register_buffer("weight_scales", torch.ones(groups, 1, dtype=torch.float32, device=device))
         self.register_buffer("weight_zeros", torch.zeros(groups, 1, dtype=torch.uint8, device=device))

@@ -23,7 +23,8 @@ activations    what autograd saves for backward (SDPA, fused attention kernel, n
                + the loss's working set 8 V N (fp32 gradients of the log-softmax and its input)
                activation checkpointing keeps only each layer's input (p h per token) and recomputes
                one layer at a time: + one layer's set + its backward temporaries N (3 p I + 4 p h + 8 h)
-               int8 weights: a layer's dequantised weight (4 + p) n exists inside its forward/backward
+               int8 weights: a layer's dequantised weight (float32, then cast: 4 n + p n [p != 4]) exists
+               inside its own forward or backward
                (printed: saved + the largest of loss working set, recomputed layer, dequantised weight)
 scratch        temporaries of one parameter's update: spec AdamW (regular parameters of APOLLO/GaLore)
                n (s + p [s != p]); APOLLO 2 p n (bf16: 6 n, for the limiter's fp32 norm); GaLore/SVD at
@@ -35,7 +36,7 @@ total (peak)   weights + states (+ DDP buckets) + the largest of these phases of
                  backward start       activations (no gradient yet)
                  lm_head grad ready   saved - 4 V N (log-softmax freed) + recompute + lm_head grad
                                       (layer-wise: + the largest gradient + scratch of a non-embedding weight)
-                 end of backward      outside-layer activations + recompute + all gradients
+                 end of backward      outside-layer activations - 4 V N + recompute + all gradients
                                       (layer-wise: + the embedding's gradient + scratch, which come last)
                  optimizer step       all gradients + scratch (normal mode)
                Activations are freed as gradients appear, so the peak sits at one of these ends.
@@ -209,7 +210,8 @@ def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_lengt
                   update_scratch(q, groups.get(id(q)), name=name, p=p, device=device, stochastic_round=stochastic_round))
                  for q in trainable]
     acts = activations(config, batch_size, max_length, p, checkpointing=activation_checkpointing, padded=not packing)
-    dequantised = max(((4 + p) * q.numel() for q in trainable if is_quantized(q)), default=0)  # one layer's Ŵ
+    # one dequantised weight: float32, then cast to the model dtype
+    dequantised = max(((4 + (p if p != 4 else 0)) * q.numel() for q in trainable if is_quantized(q)), default=0)
 
     # Phases (module docstring): forward's end / backward's start (no gradient yet; an int8 layer's
     # dequantised weight lives only inside its own forward or backward), just after the lm_head
@@ -217,6 +219,7 @@ def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_lengt
     activation_peak = acts.saved + max(acts.loss_work, acts.recompute, dequantised)
     start = activation_peak
     after_head = acts.saved - acts.log_softmax + acts.recompute
+    remaining = acts.outside - acts.log_softmax  # what is still saved when the last layer's gradients appear
     notes = {"state dtype": dtype if state_dtype == "param" else state_dtype}
     embedding = names[id(model.get_input_embeddings().weight)]
     if layerwise:  # one gradient (and its update's scratch) at a time; the embedding's comes last
@@ -226,7 +229,7 @@ def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_lengt
         gradients, scratch = worst[1], worst[2]
         notes["gradients"] = f"largest single gradient ({worst[0]}), freed at once"
         notes["update scratch"] = f"temporaries of {worst[0]}'s update"
-        peak = max(start, after_head + during, acts.outside + last)
+        peak = max(start, after_head + during, remaining + last)
     else:
         gradients = sum(g for _, g, _ in per_param)
         if name == "adamw" and device == "cuda":
@@ -237,7 +240,7 @@ def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_lengt
             scratch = worst[2]
             notes["update scratch"] = f"temporaries of {worst[0]}'s update"
         head = _grad_bytes(model.get_output_embeddings().weight, p)
-        peak = max(start, after_head + head, acts.outside + acts.recompute + gradients, gradients + scratch)
+        peak = max(start, after_head + head, remaining + acts.recompute + gradients, gradients + scratch)
         notes["gradients"] = "every parameter's gradient"
     buckets = sum(_bytes(q) for q in model.parameters() if q.requires_grad) if world_size > 1 else 0
     total = weights + states + buckets + peak
@@ -249,7 +252,8 @@ def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_lengt
         int8 = sum(q.numel() for q in quantized)
         extra = sum(_bytes(m.weight_scales) + _bytes(m.weight_zeros) + _bytes(m.rounding_state)
                     for m in model.modules() if isinstance(m, QuantLinear))
-        notes["weights"] = f"int8 {int8 / GB:.2f} + scales/zeros {extra / GB:.2f} + {dtype} {(weights - int8 - extra) / GB:.2f}"
+        rest = weights - int8 - extra
+        notes["weights"] = f"int8 {int8 / GB:.2f} + scales/zeros {extra / GB:.2f} + {dtype} {rest / GB:.2f}"
     parameters = sum(q.numel() for q in model.parameters())
     return Estimate(parameters, weights, gradients, states, activation_peak, scratch, total, notes, buckets)
 
@@ -354,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state_dtype", default=None, choices=("float32", "param"),
                         help="optimizer-state dtype (default: float32 for APOLLO/GaLore; torch AdamW follows the weights)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where the step would run")
-    parser.add_argument("--world_size", type=int, default=1, help="data-parallel processes (> 1 adds DDP's gradient buckets)")
+    parser.add_argument("--world_size", type=int, default=1,
+                        help="data-parallel processes (> 1 adds DDP's gradient buckets)")
     parser.add_argument("--measure", action="store_true", help="also run the step on this CPU and print its measured peak")
     return parser
 
@@ -383,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mode = [args.optimizer + (f" rank {args.rank}" if args.rank else ""),
             *([f"int8 weights g{args.weight_group_size}"] if args.weight_quant else []),
-            *(["layer-wise"] if args.layerwise else []), *(["activation checkpointing"] if args.activation_checkpointing else [])]
+            *(["layer-wise"] if args.layerwise else []),
+            *(["activation checkpointing"] if args.activation_checkpointing else [])]
     print(f"{args.model_config}: {result.parameters / 1e6:.1f}M parameters | {', '.join(mode)} | batch {args.batch_size} x "
           f"{args.max_length} tokens | {args.dtype} weights, {result.notes['state dtype']} states")
     for term, value in result.terms().items():

@@ -34,7 +34,8 @@ def test_hand_computed_groups():
     assert q.tolist() == [[0, 85, 136, 255], [0, 85, 170, 255], [64, 140, 191, 255]]
     assert zeros.flatten().tolist() == [85, 0, 0]
     torch.testing.assert_close(scales.flatten(), torch.tensor([3 / 255, 0.3 / 255, 4 / 255]))
-    expected = torch.tensor([[-1.0, 0.0, 51 * 3 / 255, 2.0], [0.0, 0.1, 0.2, 0.3], [64 * 4 / 255, 140 * 4 / 255, 191 * 4 / 255, 4.0]])
+    expected = torch.tensor([[-1.0, 0.0, 51 * 3 / 255, 2.0], [0.0, 0.1, 0.2, 0.3],
+                             [64 * 4 / 255, 140 * 4 / 255, 191 * 4 / 255, 4.0]])  # 5 clips to 255 s = 4
     torch.testing.assert_close(dequantize(q, scales, zeros), expected)
 
 
