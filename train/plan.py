@@ -48,6 +48,7 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         dtype=config.dtype, state_dtype=config.state_dtype, packing=config.packing, weight_quant=config.weight_quant,
         weight_group_size=config.weight_group_size, weight_bits=config.weight_bits,
         stochastic_round=config.stochastic_round, layerwise=config.layerwise,
+        world_size=1 if config.single_gpu else world_size,  # DDP keeps a bucket copy of every gradient
     )
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     return [
