@@ -111,8 +111,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     def run_eval(step: int) -> None:
         result = evaluate(model, tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
                           batch_size=config.eval_batch_size or config.batch_size, eval_tokens=config.eval_tokens,
-                          device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)
-        model.train()
+                          device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)  # restores train mode
         state["last_eval_step"] = step
         logger.log({"eval/loss": result.loss, "eval/perplexity": result.perplexity, "eval/tokens": result.tokens}, step)
         logger.info(f"update {step}: eval loss {result.loss:.4f}, perplexity {result.perplexity:.2f}")
