@@ -6,9 +6,11 @@
 # Environment (defaults):
 #   DATA_DIR ../shared/data/c4   TOKENIZER ../shared/data/t5-base   OUT runs/study_cpu   DOC docs/study_cpu.md
 #   OPTIMIZERS "adamw apollo apollo_mini galore"
-#   ADAMW_LRS 1e-3,2.5e-3,5e-3   APOLLO_LRS 5e-3,1e-2,2e-2   MINI_LRS 5e-3,1e-2,2e-2   GALORE_LRS 5e-3,1e-2,2e-2
-#   STEPS 120  BATCH 16  MAX_LENGTH 256  (token budget per run = STEPS x BATCH x MAX_LENGTH)
+#   ADAMW_LRS 2.5e-3,5e-3,1e-2   APOLLO_LRS 5e-3,1e-2,2e-2   MINI_LRS 5e-3,1e-2,2e-2   GALORE_LRS 5e-3,1e-2,2e-2
+#   STEPS 120  BATCH 16  MAX_LENGTH 256  (token budget per run = STEPS x BATCH x MAX_LENGTH, packed sequences)
 #   EVAL_EVERY 30  EVAL_TOKENS 50000  WARMUP 12
+#   PROJ_GAP 40: low-rank projections are redrawn every 40 updates (the default 200 would never refresh in a
+#   120-update run, turning GaLore and APOLLO into a study of the step-1 subspace)
 # Runs already finished are skipped and interrupted ones resumed (train.sweep), so the study can be re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,11 +20,11 @@ OUT=${OUT:-runs/study_cpu}
 DOC=${DOC:-docs/study_cpu.md}
 OPTIMIZERS=${OPTIMIZERS:-adamw apollo apollo_mini galore}
 STEPS=${STEPS:-120} BATCH=${BATCH:-16} MAX_LENGTH=${MAX_LENGTH:-256}
-EVAL_EVERY=${EVAL_EVERY:-30} EVAL_TOKENS=${EVAL_TOKENS:-50000} WARMUP=${WARMUP:-12}
+EVAL_EVERY=${EVAL_EVERY:-30} EVAL_TOKENS=${EVAL_TOKENS:-50000} WARMUP=${WARMUP:-12} PROJ_GAP=${PROJ_GAP:-40}
 
 lrs_for() {
     case $1 in
-        adamw) echo "${ADAMW_LRS:-1e-3,2.5e-3,5e-3}" ;;
+        adamw) echo "${ADAMW_LRS:-2.5e-3,5e-3,1e-2}" ;;
         apollo) echo "${APOLLO_LRS:-5e-3,1e-2,2e-2}" ;;
         apollo_mini) echo "${MINI_LRS:-5e-3,1e-2,2e-2}" ;;
         galore) echo "${GALORE_LRS:-5e-3,1e-2,2e-2}" ;;
@@ -31,11 +33,13 @@ lrs_for() {
 }
 
 for optimizer in $OPTIMIZERS; do
+    lowrank=()
+    [[ $optimizer == adamw ]] || lowrank=(--update_proj_gap "$PROJ_GAP")
     python -m train.sweep train --sweep_dir "$OUT/$optimizer" --lr "$(lrs_for "$optimizer")" \
         --optimizer "$optimizer" --model_config configs/llama_9m.json --data_dir "$DATA_DIR" --tokenizer "$TOKENIZER" \
-        --max_length "$MAX_LENGTH" --batch_size "$BATCH" --total_batch_size "$BATCH" --num_training_steps "$STEPS" \
+        --max_length "$MAX_LENGTH" --packing --batch_size "$BATCH" --total_batch_size "$BATCH" --num_training_steps "$STEPS" \
         --warmup_steps "$WARMUP" --eval_every "$EVAL_EVERY" --eval_tokens "$EVAL_TOKENS" --save_every "$STEPS" \
-        --seed 42 --dtype float32 --single_gpu --workers 0 --wandb "${WANDB_MODE:-offline}"
+        --seed 42 --dtype float32 --single_gpu --workers 0 --wandb "${WANDB_MODE:-offline}" "${lowrank[@]}"
 done
 
 runs=()
@@ -49,10 +53,10 @@ tokens=$(( STEPS * BATCH * MAX_LENGTH ))
 {
     echo "# CPU study: LLaMA-9M on the C4 sample"
     echo
-    echo "Reproduce: \`$(printf '%q ' env OPTIMIZERS="$OPTIMIZERS" STEPS="$STEPS" BATCH="$BATCH" MAX_LENGTH="$MAX_LENGTH" bash scripts/study_cpu.sh)\`"
+    echo "Reproduce: \`$(printf '%q ' env OPTIMIZERS="$OPTIMIZERS" STEPS="$STEPS" BATCH="$BATCH" MAX_LENGTH="$MAX_LENGTH" PROJ_GAP="$PROJ_GAP" bash scripts/study_cpu.sh)\`"
     echo
-    echo "Budget per run: $STEPS updates x $BATCH sequences x $MAX_LENGTH positions = $tokens token slots"
-    echo "(the train sample holds 471,535 tokens: about $(python -c "print(f'{$tokens / 471535:.2f}')") passes, counting padding)."
+    echo "Budget per run: $STEPS updates x $BATCH sequences x $MAX_LENGTH positions = $tokens tokens"
+    echo "(packed; the train sample holds 471,535 tokens: about $(python -c "print(f'{$tokens / 471535:.2f}')") passes)."
     echo "Same seed (42) and data order for every run; validation on $EVAL_TOKENS tokens every $EVAL_EVERY updates."
     echo
     echo "![validation perplexity]($(basename "$png"))"

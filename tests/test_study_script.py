@@ -21,6 +21,6 @@ def test_study_script_small_version(tmp_path, c4_dir, tokenizer_dir):
     best, everything = doc.split("All runs:")
     assert best.count("| train-lr") == 2  # one best run per optimizer
     assert everything.count("| train-lr") == 4
-    assert "Budget per run: 2 updates x 2 sequences x 32 positions = 128 token slots" in doc
+    assert "Budget per run: 2 updates x 2 sequences x 32 positions = 128 tokens" in doc
     with Image.open(tmp_path / "doc" / "study.png") as image:
         image.verify()
