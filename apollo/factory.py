@@ -28,7 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Options each optimizer understands; anything else is a mistake worth an error.
-_OPTIMIZER_KEYS = {"betas", "eps", "state_dtype", "store_projection"}
+_OPTIMIZER_KEYS = {"betas", "eps", "state_dtype", "store_projection", "fused"}
 _LOWRANK_KEYS = {
     "apollo": {"rank", "update_proj_gap", "proj", "proj_type", "scale_type", "scale", "scale_front",
                "norm_growth_limiter", "norm_growth_gamma", "target_modules"},

@@ -1,6 +1,8 @@
 r"""The optimizer classes: validation, parameter groups, lazily created state, and step() bookkeeping.
 
-The math lives in `functional.py`; projections and seeds in `projection.py`. An int8 weight
+The math lives in `functional.py` (one tensor at a time, the readable definition) and `fused.py` (the same
+update over lists of tensors, fused; the default where it applies, ``fused=False`` forces the plain
+path); projections and seeds in `projection.py`. An int8 weight
 (`quant.QuantLinear`) is updated through `quant.float_weight`: its ``float_grad`` is the gradient, a
 float32 copy is updated, then re-quantised; its state is float (the gradient's dtype by default).
 
@@ -33,6 +35,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import functional as F
+from . import fused as FF
 from . import quant
 from .projection import (PROJ_TYPES, advance_seed, projected_shape, projection_shape, projection_side,
                          random_projection, svd_projection)
@@ -67,6 +70,7 @@ class _LowRankAdam(Optimizer):
         *,
         state_dtype: torch.dtype | str | None = None,
         store_projection: bool = False,
+        fused: bool = True,
     ):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
@@ -86,6 +90,8 @@ class _LowRankAdam(Optimizer):
             state_dtype=_state_dtype_name(state_dtype),
             store_projection=bool(store_projection),
         )
+        # Not a group key: it changes how the update is computed, not the update, and old state dicts lack it.
+        self.fused = bool(fused)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -197,19 +203,34 @@ class _LowRankAdam(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             low_rank = group.get("rank") is not None
+            batch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, grad) pairs for the fused path
             for param in group["params"]:
                 grad = quant.gradient(param)  # .grad, or float_grad of an int8 weight
                 if grad is None:
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if self._takes_fused_path(param, grad, group, low_rank):
+                    batch.append((param, grad))
+                    continue
                 # an int8 weight is updated as float32 and re-quantised (state stays keyed by `param`)
                 with quant.float_weight(param) as weight:
                     if low_rank:
                         self._step_low_rank(param, grad, group, weight)
                     else:
                         self._step_regular(param, grad, group, weight)
+            if batch and low_rank:
+                self._step_low_rank_fused(batch, group)
+            elif batch:
+                self._step_regular_fused(batch, group)
         return loss
+
+    def _takes_fused_path(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], low_rank: bool) -> bool:
+        """Fused unless turned off, for float weights off the meta device; torch's fused AdamW kernel also
+        needs the moments in the parameter's dtype."""
+        if not self.fused or param.device.type == "meta" or quant.is_quantized(param):
+            return False
+        return low_rank or self._state_dtype(group, grad) == param.dtype
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset ``.grad`` as torch does, and drop ``float_grad`` of int8 weights."""
@@ -243,6 +264,45 @@ class _LowRankAdam(Optimizer):
     def _low_rank_update(self, weight, grad, proj, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
         """The method's update of `weight` from its gradient, this step's P and its state (APOLLO, GaLore)."""
         raise NotImplementedError(f"{type(self).__name__} defines no low-rank update")
+
+    # The fused path: the same bookkeeping and the same update as above, over lists of tensors (fused.py).
+    def _step_regular_fused(self, batch: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
+        """AdamW through torch's fused kernel, one call per (step, device, dtype)."""
+        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
+        for param, grad in batch:
+            state = self.state[param]
+            if not state:
+                self._moments(group, grad, state, param.shape)
+            state["step"] += 1
+            buckets.setdefault((state["step"], param.device, param.dtype), []).append((param, grad, state))
+        beta1, beta2 = group["betas"]
+        for (step, _, _), entries in buckets.items():
+            FF.fused_adamw(
+                [p for p, _, _ in entries], [g for _, g, _ in entries], [s["exp_avg"] for _, _, s in entries],
+                [s["exp_avg_sq"] for _, _, s in entries], step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"],
+            )
+
+    def _step_low_rank_fused(self, batch: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
+        """Low-rank updates a chunk of matrices at a time (fused.CHUNK_ELEMENTS moment numbers): P is drawn per
+        chunk, so the scratch is that of one chunk."""
+        sides = [projection_side(param.shape, group["proj_type"]) for param, _ in batch]
+        for (param, grad), side in zip(batch, sides):
+            if not self.state[param]:
+                self._moments(group, grad, self.state[param], projected_shape(param.shape, group["rank"], side))
+        sizes = [self.state[param]["exp_avg"].numel() for param, _ in batch]
+        for start, stop in FF.chunk_bounds(sizes):
+            chunk = batch[start:stop]
+            states = [self.state[param] for param, _ in chunk]
+            projs = []
+            for (param, grad), side, state in zip(chunk, sides[start:stop], states):
+                projs.append(self._projection(param, grad, group, state, side))
+                state["step"] += 1
+            self._low_rank_updates(chunk, projs, sides[start:stop], states, group)
+
+    def _low_rank_updates(self, chunk, projs, sides, states, group: dict[str, Any]) -> None:
+        """The method's update of a chunk of (param, grad) pairs (APOLLO, GaLore)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no fused low-rank update")
 
 
 class APOLLO(_LowRankAdam):
@@ -300,6 +360,19 @@ class APOLLO(_LowRankAdam):
         if new_norm is not None:
             state["limiter_norm"] = new_norm
 
+    def _low_rank_updates(self, chunk, projs, sides, states, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        new_norms = FF.apollo_updates(
+            [p for p, _ in chunk], [g for _, g in chunk], projs, sides, [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s.get("limiter_norm") for s in states], [s["step"] for s in states],
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            scale_type=group["scale_type"], scale=group["scale"], scale_front=group["scale_front"],
+            limiter_gamma=group["norm_growth_gamma"] if group["norm_growth_limiter"] else None,
+        )
+        for state, new_norm in zip(states, new_norms):
+            if new_norm is not None:
+                state["limiter_norm"] = new_norm
+
 
 class GaLore(_LowRankAdam):
     r"""GaLore-AdamW (arXiv 2403.03507): Adam in an SVD subspace, the update projected back to full rank.
@@ -327,4 +400,12 @@ class GaLore(_LowRankAdam):
             weight, grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, step=state["step"],
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             scale=group["scale"],
+        )
+
+    def _low_rank_updates(self, chunk, projs, sides, states, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        FF.galore_updates(
+            [p for p, _ in chunk], [g for _, g in chunk], projs, sides, [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"], beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], scale=group["scale"],
         )

@@ -26,11 +26,15 @@ activations    what autograd saves for backward (SDPA, fused attention kernel, n
                int8 weights: a layer's dequantised weight (float32, then cast: 4 n + p n [p != 4]) exists
                inside its own forward or backward
                (printed: saved + the largest of loss working set, recomputed layer, dequantised weight)
-scratch        temporaries of one parameter's update: spec AdamW (regular parameters of APOLLO/GaLore)
-               n (s + p [s != p]); APOLLO 2 p n (bf16: 6 n, for the limiter's fp32 norm); GaLore/SVD at
-               a refresh 4 (n + m k + k n) (+ 4 n to cast); an int8 weight adds its float32 copy 4 n
-               and re-quantises in it (+ n for q, + 4 n of noise when stochastic); torch AdamW 2 p n on
-               the CPU, on CUDA p N_all (its foreach path takes sqrt(v) of every parameter at once)
+scratch        temporaries of the update. apollo's fused path (float weights, apollo/fused.py): regular
+               parameters none (torch's fused AdamW kernel, in place) unless the state dtype differs
+               from the weights' (then the plain spec AdamW, n (s + p)); low-rank weights a chunk at a
+               time: P (p |P|), R and the direction (s |R| each) of every weight of the chunk + one
+               weight's transient (P drawn in float32, the SVD 4 (n + m k + k n) at a refresh, GaLore's
+               back-projection p n). int8 weights take the plain path: APOLLO 2 p n (bf16: 6 n),
+               GaLore/SVD as above, + their float32 copy 4 n, re-quantised in place (+ n for q, + 4 n
+               of noise when stochastic). torch AdamW 2 p n on the CPU, on CUDA p N_all (its foreach
+               path takes sqrt(v) of every parameter at once)
 DDP buckets    with several processes: one more copy of every float gradient (torch's reducer)
 total (peak)   weights + states (+ DDP buckets) + the largest of these phases of a step:
                  backward start       activations (no gradient yet)
@@ -45,6 +49,7 @@ Validated against measured CPU peaks (--measure; docs/memory.md).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -52,7 +57,9 @@ import torch
 from torch import nn
 
 import apollo
+from apollo.fused import chunk_bounds
 from apollo.layerwise import LayerwiseOptimizer
+from apollo.projection import projected_shape, projection_shape, projection_side
 from apollo.quant import QuantLinear, is_quantized, quantize_model
 
 GB = 1e9  # decimal gigabytes; a "12 GB" claim is checked against 12e9 bytes (GiB would be more lenient)
@@ -163,8 +170,12 @@ def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int
     if name == "adamw":  # torch.optim.AdamW, per parameter (the joint CUDA case is handled by the caller)
         return (1 if device == "cuda" else 2) * p * n
     s = 4 if group.get("state_dtype") == "float32" else p
+    quantized = is_quantized(param)
     if group.get("rank") is None:
-        scratch = n * (s + (p if s != p else 0))
+        # torch's fused AdamW kernel works in place; it needs the moments in the weight's dtype
+        scratch = 0 if s == p and not quantized else n * (s + (p if s != p else 0))
+    elif not quantized:
+        scratch = sum(_fused_low_rank_scratch(param, group, name=name, p=p))
     else:
         m, k = param.shape[0], min(param.shape)
         svd = 4 * (n + m * k + k * param.shape[1]) + (4 * n if p != 4 else 0)
@@ -173,9 +184,45 @@ def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int
             scratch = max(p * n, svd)
         else:
             scratch = max(apollo_update, svd if group.get("proj") == "svd" else 0)
-    if is_quantized(param):
+    if quantized:
         scratch = 4 * n + max(scratch, n * (1 + (4 if stochastic_round else 0)))
     return scratch
+
+
+def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: int) -> tuple[int, int]:
+    """(held, transient) bytes of one float weight in apollo's fused low-rank step (apollo/fused.py).
+
+    held while its chunk is updated: P (random, not stored: p |P|), R cast to the state dtype and the
+    normalised direction (s |R| each); transient, one weight at a time: drawing P in float32 and casting
+    it (+ 4 |P|) or the SVD at a refresh, R before its cast (p |R|), and GaLore's back-projection
+    (p n, + p |R| to cast the direction).
+    """
+    s = 4 if group.get("state_dtype") == "float32" else p
+    side = projection_side(param.shape, group.get("proj_type", "std"))
+    r_size = math.prod(projected_shape(param.shape, group["rank"], side))
+    p_size = math.prod(projection_shape(param.shape, group["rank"], side))
+    svd_kind = name == "galore" or group.get("proj") == "svd"
+    n, (m, cols), k = param.numel(), param.shape, min(param.shape)
+    held = (0 if svd_kind or group.get("store_projection") else p * p_size) + 2 * s * r_size
+    transient = (4 * (n + m * k + k * cols) + (4 * n if p != 4 else 0) if svd_kind
+                 else (4 * p_size if p != 4 else 0))
+    transient = max(transient, p * r_size if s != p else 0)
+    if name == "galore":
+        transient = max(transient, p * n + (p * r_size if s != p else 0))
+    return held, transient
+
+
+def fused_step_scratch(group: dict, *, name: str, p: int) -> int:
+    """The fused low-rank step's scratch for a param group: its largest chunk (fused.CHUNK_ELEMENTS moment
+    numbers per chunk): everything held for the chunk's weights + the largest transient among them."""
+    params = [q for q in group["params"] if not is_quantized(q)]
+    if not params:
+        return 0
+    terms = [_fused_low_rank_scratch(q, group, name=name, p=p) for q in params]
+    sizes = [math.prod(projected_shape(q.shape, group["rank"], projection_side(q.shape, group.get("proj_type", "std"))))
+             for q in params]
+    return max(sum(held for held, _ in terms[a:b]) + max(transient for _, transient in terms[a:b])
+               for a, b in chunk_bounds(sizes))
 
 
 def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_length: int = 256, rank: int | None = None,
@@ -239,6 +286,11 @@ def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_lengt
             worst = max(per_param, key=lambda item: item[2])
             scratch = worst[2]
             notes["update scratch"] = f"temporaries of {worst[0]}'s update"
+            chunked = max((fused_step_scratch(g, name=name, p=p) for g in optimizer_on_meta.param_groups
+                           if g.get("rank") is not None), default=0)
+            if name != "adamw" and chunked > scratch:
+                scratch = chunked
+                notes["update scratch"] = "the fused low-rank step's largest chunk (P, R, direction)"
         head = _grad_bytes(model.get_output_embeddings().weight, p)
         peak = max(start, after_head + head, remaining + acts.recompute + gradients, gradients + scratch)
         notes["gradients"] = "every parameter's gradient"
