@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .functional import NORM_EPS, bias_corrected_step_size, decay_weights
-from .projection import RIGHT, channel_dim, project, project_back
+from .projection import LEFT, RIGHT, channel_dim, project, project_back
 
 #: Projected-gradient numbers per chunk of low-rank matrices (the bound on the fast step's scratch).
 CHUNK_ELEMENTS = 2**22
@@ -102,6 +102,32 @@ def _low_rank_directions(
     return denoms
 
 
+def _project_chunk(grads, projs, sides, shards, dtypes) -> list[torch.Tensor]:
+    """R = project(G) for each weight, cast to its moments' dtype. A row-sharded weight projected from the
+    left sums its rows' partial products over the ranks (sharded.py), in one all-reduce for the chunk."""
+    projected, partial = [], []
+    for index, (grad, proj, side, shard, dtype) in enumerate(zip(grads, projs, sides, shards, dtypes)):
+        if shard is not None and side == LEFT:
+            projected.append((shard.rows_of(proj).T @ grad).to(dtype))
+            partial.append(index)
+        else:
+            projected.append(project(grad, proj, side).to(dtype))
+    _all_reduce_many([projected[i] for i in partial], [shards[i] for i in partial])
+    return projected
+
+
+def _all_reduce_many(tensors: list[torch.Tensor], shards: list) -> None:
+    """Sum each tensor over its shard's ranks in place: one all-reduce per (process group, dtype)."""
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for tensor, shard in zip(tensors, shards):
+        buckets.setdefault((shard.group, tensor.dtype), []).append(tensor)
+    for (group, _), members in buckets.items():
+        flat = torch.cat([t.reshape(-1) for t in members])
+        torch.distributed.all_reduce(flat, group=group)
+        for t, piece in zip(members, flat.split([t.numel() for t in members])):
+            t.copy_(piece.view_as(t))
+
+
 def apollo_updates(
     weights: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -121,6 +147,7 @@ def apollo_updates(
     scale: float,
     scale_front: bool,
     limiter_gamma: float | None,
+    shards: list | None = None,
 ) -> list[torch.Tensor | None]:
     r"""`functional.apollo_update` for a list of low-rank weights; returns each limiter's new norm (None when off).
 
@@ -129,25 +156,54 @@ def apollo_updates(
     :math:`q = \|s \odot G\|_F = \sqrt{\sum_j s_j^2 n_j^2}` (times :math:`\sqrt c` with ``scale_front``),
     limiter :math:`l = \max(q/(p+10^{-8}), \gamma)/\gamma` (1 on the first step), and
     :math:`W \mathrel{+}= G \odot (-k_t \sqrt{c}\, s / l)`, then decay.
+
+    `shards`: a `sharded.RowShard` per weight (None: the whole matrix is here). The tensors are then this
+    rank's rows (weights, grads; right-projected moments) or whole (left-projected moments); the norms
+    that span rows are summed over ranks as squares, one all-reduce per chunk.
     """
-    new_norms: list[torch.Tensor | None] = []
+    shards = shards or [None] * len(weights)
     sqrt_scale = math.sqrt(scale)
-    projected = [project(g, p, side).to(m.dtype) for g, p, side, m in zip(grads, projs, sides, exp_avgs)]
+    projected = _project_chunk(grads, projs, sides, shards, [m.dtype for m in exp_avgs])
     directions = _low_rank_directions(projected, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=eps)
+    # Per weight: its norms (tensor: ||R~||, ||R||, ||G||; channel: ||s * G||) and the factor s when local.
+    norms, factors, to_sum = [], [], []
     for i, (r, direction) in enumerate(zip(projected, directions)):
-        grad, weight = grads[i], weights[i]
+        grad, shard = grads[i], shards[i]
         norm_dtype = torch.promote_types(grad.dtype, torch.float32)
         if scale_type == "tensor":
-            factor = direction.norm() / (r.norm() + NORM_EPS)
-            grad_norm = torch.linalg.vector_norm(grad, dtype=norm_dtype)
-            norm = factor.to(norm_dtype) * grad_norm
+            values = torch.stack([direction.norm().to(norm_dtype), r.norm().to(norm_dtype),
+                                  torch.linalg.vector_norm(grad, dtype=norm_dtype)])
+            factors.append(None)
+            if shard is not None:
+                squares = values.square()
+                if sides[i] == LEFT and torch.distributed.get_rank(shard.group) != 0:
+                    squares[:2] = 0  # R and R~ are whole on every rank: count them once
+                values = squares
         else:
             dim = channel_dim(sides[i])
             factor = direction.norm(dim=dim, keepdim=True) / (r.norm(dim=dim, keepdim=True) + NORM_EPS)
             channel_norms = torch.linalg.vector_norm(grad, dim=1 if sides[i] == RIGHT else 0, keepdim=True,
                                                      dtype=norm_dtype)
-            norm = torch.linalg.vector_norm(factor.to(norm_dtype) * channel_norms)
-        coefficient = factor.to(norm_dtype) * (-bias_corrected_step_size(lr, beta1, beta2, steps[i]) * sqrt_scale)
+            values = torch.linalg.vector_norm(factor.to(norm_dtype) * channel_norms).reshape(1)
+            factors.append(factor)
+            if shard is not None:
+                values = values.square()
+        norms.append(values)
+        if shard is not None:
+            to_sum.append(i)
+    _all_reduce_many([norms[i] for i in to_sum], [shards[i] for i in to_sum])
+    for i in to_sum:
+        norms[i] = norms[i].sqrt()
+
+    new_norms: list[torch.Tensor | None] = []
+    for i, (values, factor) in enumerate(zip(norms, factors)):
+        grad, weight = grads[i], weights[i]
+        if factor is None:  # tensor scaling
+            factor = values[0] / (values[1] + NORM_EPS)
+            norm = factor * values[2]
+        else:
+            norm = values[0]
+        coefficient = factor.to(values.dtype) * (-bias_corrected_step_size(lr, beta1, beta2, steps[i]) * sqrt_scale)
         new_norm = None
         if limiter_gamma is not None:
             if scale_front:
@@ -179,17 +235,22 @@ def galore_updates(
     eps: float,
     weight_decay: float,
     scale: float,
+    shards: list | None = None,
 ) -> None:
-    """`functional.galore_update` for a list of low-rank weights (bit-identical to it).
+    """`functional.galore_update` for a list of low-rank weights (bit-identical to it when unsharded).
 
     The back-projection is materialised and then added, as in the plain path: ``addmm_`` would save a pass
-    over W but rounds differently, and the update would no longer lie exactly in span(P).
+    over W but rounds differently, and the update would no longer lie exactly in span(P). A row-sharded
+    weight (`shards`, see `apollo_updates`) back-projects onto its own rows.
     """
-    projected = [project(g, p, side).to(m.dtype) for g, p, side, m in zip(grads, projs, sides, exp_avgs)]
+    shards = shards or [None] * len(weights)
+    projected = _project_chunk(grads, projs, sides, shards, [m.dtype for m in exp_avgs])
     directions = _low_rank_directions(projected, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=eps)
     del projected
     for i, direction in enumerate(directions):
-        weight, proj = weights[i], projs[i]
+        weight, proj, shard = weights[i], projs[i], shards[i]
         alpha = -bias_corrected_step_size(lr, beta1, beta2, steps[i]) * scale
+        if shard is not None and sides[i] == LEFT:
+            proj = shard.rows_of(proj)
         weight.add_(project_back(direction.to(weight.dtype), proj, sides[i]), alpha=alpha)
         decay_weights(weight, lr, weight_decay)

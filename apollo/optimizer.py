@@ -37,7 +37,8 @@ from torch.optim import Optimizer
 from . import functional as F
 from . import fused as FF
 from . import quant
-from .projection import (PROJ_TYPES, advance_seed, projected_shape, projection_shape, projection_side,
+from . import sharded
+from .projection import (PROJ_TYPES, RIGHT, advance_seed, projected_shape, projection_shape, projection_side,
                          random_projection, svd_projection)
 
 PROJ_KINDS = ("random", "svd")
@@ -151,12 +152,18 @@ class _LowRankAdam(Optimizer):
                     return group["initial_seed"] + index if "initial_seed" in group else position
         raise RuntimeError("parameter not found in this optimizer's param groups")
 
-    def _moments(self, group: dict[str, Any], like: torch.Tensor, state: dict[str, Any], shape) -> None:
-        """Zero moments of `shape` on `like`'s device, in the state dtype (default: `like`'s dtype)."""
+    def _moments(self, group: dict[str, Any], like: torch.Tensor, state: dict[str, Any], shape, *,
+                 param: torch.Tensor | None = None, rows_sharded: bool = True) -> None:
+        """Zero moments of `shape` on `like`'s device, in the state dtype (default: `like`'s dtype).
+
+        For a row-sharded (DTensor) `param` the moments are DTensors too: sharded like its rows when
+        `rows_sharded` (regular and right-projected weights), replicated otherwise (sharded.py).
+        """
         dtype = self._state_dtype(group, like)
         state["step"] = 0
-        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=like.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=like.device)
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = sharded.zeros_like_layout(param if param is not None else like, tuple(shape),
+                                                   rows_sharded=rows_sharded, dtype=dtype, device=like.device)
 
     def _projection(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any], side: str):
         """The P of this step: redrawn at steps 1, T+1, 2T+1, ... (pre-increment step % T == 0)."""
@@ -164,7 +171,11 @@ class _LowRankAdam(Optimizer):
         rank = group["rank"]
         if group.get("proj", "svd") == "svd":
             if refresh or "projection" not in state:
-                state["projection"] = svd_projection(grad, rank, side)
+                shard = sharded.row_shard(param)
+                if shard is None:
+                    state["projection"] = svd_projection(sharded.local(grad), rank, side)
+                else:  # gathered once per refresh; rank 0's P everywhere, so that every rank agrees
+                    state["projection"] = shard.broadcast(svd_projection(grad.full_tensor(), rank, side))
             return state["projection"]
         if refresh or "proj_seed" not in state:
             state["proj_seed"] = advance_seed(state["proj_seed"]) if "proj_seed" in state else self._initial_seed(param)
@@ -213,6 +224,9 @@ class _LowRankAdam(Optimizer):
                 if self._takes_fused_path(param, grad, group, low_rank):
                     batch.append((param, grad))
                     continue
+                if sharded.is_dtensor(param):
+                    raise ValueError(f"{type(self).__name__}: sharded (DTensor) parameters need the fused step "
+                                     "(fused=True, float weights, state dtype = weight dtype for regular groups)")
                 # an int8 weight is updated as float32 and re-quantised (state stays keyed by `param`)
                 with quant.float_weight(param) as weight:
                     if low_rank:
@@ -272,15 +286,17 @@ class _LowRankAdam(Optimizer):
         for param, grad in batch:
             state = self.state[param]
             if not state:
-                self._moments(group, grad, state, param.shape)
+                self._moments(group, grad, state, param.shape, param=param)
             state["step"] += 1
             buckets.setdefault((state["step"], param.device, param.dtype), []).append((param, grad, state))
         beta1, beta2 = group["betas"]
+        local = sharded.local  # elementwise: a shard's update is its part of the whole update
         for (step, _, _), entries in buckets.items():
             FF.fused_adamw(
-                [p for p, _, _ in entries], [g for _, g, _ in entries], [s["exp_avg"] for _, _, s in entries],
-                [s["exp_avg_sq"] for _, _, s in entries], step=step, lr=group["lr"], beta1=beta1, beta2=beta2,
-                eps=group["eps"], weight_decay=group["weight_decay"],
+                [local(p) for p, _, _ in entries], [local(g) for _, g, _ in entries],
+                [local(s["exp_avg"]) for _, _, s in entries], [local(s["exp_avg_sq"]) for _, _, s in entries],
+                step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
             )
 
     def _step_low_rank_fused(self, batch: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
@@ -289,7 +305,8 @@ class _LowRankAdam(Optimizer):
         sides = [projection_side(param.shape, group["proj_type"]) for param, _ in batch]
         for (param, grad), side in zip(batch, sides):
             if not self.state[param]:
-                self._moments(group, grad, self.state[param], projected_shape(param.shape, group["rank"], side))
+                self._moments(group, grad, self.state[param], projected_shape(param.shape, group["rank"], side),
+                              param=param, rows_sharded=side == RIGHT)
         sizes = [self.state[param]["exp_avg"].numel() for param, _ in batch]
         for start, stop in FF.chunk_bounds(sizes):
             chunk = batch[start:stop]
@@ -299,6 +316,13 @@ class _LowRankAdam(Optimizer):
                 projs.append(self._projection(param, grad, group, state, side))
                 state["step"] += 1
             self._low_rank_updates(chunk, projs, sides[start:stop], states, group)
+
+    @staticmethod
+    def _chunk_tensors(chunk, states):
+        """This rank's tensors of a chunk: weights, grads, first and second moments, and each weight's shard."""
+        local = sharded.local
+        return ([local(p) for p, _ in chunk], [local(g) for _, g in chunk], [local(s["exp_avg"]) for s in states],
+                [local(s["exp_avg_sq"]) for s in states], [sharded.row_shard(p) for p, _ in chunk])
 
     def _low_rank_updates(self, chunk, projs, sides, states, group: dict[str, Any]) -> None:
         """The method's update of a chunk of (param, grad) pairs (APOLLO, GaLore)."""
@@ -362,10 +386,10 @@ class APOLLO(_LowRankAdam):
 
     def _low_rank_updates(self, chunk, projs, sides, states, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
+        weights, grads, exp_avgs, exp_avg_sqs, shards = self._chunk_tensors(chunk, states)
         new_norms = FF.apollo_updates(
-            [p for p, _ in chunk], [g for _, g in chunk], projs, sides, [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [s.get("limiter_norm") for s in states], [s["step"] for s in states],
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            weights, grads, projs, sides, exp_avgs, exp_avg_sqs, [s.get("limiter_norm") for s in states],
+            [s["step"] for s in states], shards=shards, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             scale_type=group["scale_type"], scale=group["scale"], scale_front=group["scale_front"],
             limiter_gamma=group["norm_growth_gamma"] if group["norm_growth_limiter"] else None,
         )
@@ -404,8 +428,9 @@ class GaLore(_LowRankAdam):
 
     def _low_rank_updates(self, chunk, projs, sides, states, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
+        weights, grads, exp_avgs, exp_avg_sqs, shards = self._chunk_tensors(chunk, states)
         FF.galore_updates(
-            [p for p, _ in chunk], [g for _, g in chunk], projs, sides, [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"], beta1=beta1,
+            weights, grads, projs, sides, exp_avgs, exp_avg_sqs, [s["step"] for s in states], shards=shards,
+            lr=group["lr"], beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], scale=group["scale"],
         )

@@ -1,0 +1,103 @@
+r"""Row-sharded weights (FSDP2's DTensor parameters, ``Shard(0)`` on a 1-D mesh) in the optimizers.
+
+Every rank holds rows [o, o + m_local) of a weight :math:`W \in \mathbb{R}^{m\times n}` and of its
+gradient. The update equals the one on the full matrix, with as little communication as the
+projection side allows:
+
+- right projection (:math:`R = G P^\top`, m x r): row-local. The moments and APOLLO's channel factors
+  stay with the rows; only sums of squares (tensor-wise norms, the limiter's norm) are all-reduced,
+  a few scalars per weight.
+- left projection (:math:`R = P^\top G`, r x n): :math:`R = \sum_\text{ranks} P_{[o:o+m_\text{local}]}^\top G_\text{local}`,
+  one all-reduce of r n numbers; the moments are then replicated and the back-projection of each
+  rank uses its own rows of P.
+- every rank draws the same random P from the same seed; an SVD P needs the full gradient, gathered
+  once per refresh, and is broadcast from the group's first rank so that all ranks agree to the bit.
+
+Optimizer state follows the weight: row-local moments are ``Shard(0)`` DTensors, replicated ones
+``Replicate()`` DTensors, so that ``torch.distributed.checkpoint`` saves each piece once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+try:  # DTensor exists wherever torch.distributed does; a torch built without it has no sharded weights
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """Rows [offset, offset + rows) of a weight of global shape `shape`, on `mesh` (1-D)."""
+
+    mesh: object
+    offset: int
+    rows: int
+    shape: tuple[int, ...]
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the mesh's ranks in place."""
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The group's first rank's `tensor` on every rank, in place."""
+        dist.broadcast(tensor, group=self.group, group_src=0)
+        return tensor
+
+    def rows_of(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a tensor that spans all m rows."""
+        return full[self.offset:self.offset + self.rows]
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds (a DTensor's local shard; any other tensor itself)."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def row_shard(param: torch.Tensor) -> RowShard | None:
+    """Where `param`'s rows sit, for a DTensor sharded on dim 0 over a 1-D mesh; None for a whole tensor.
+
+    A replicated DTensor is whole on every rank (None); other layouts are refused with a ValueError.
+    """
+    if not is_dtensor(param):
+        return None
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    if mesh.ndim != 1:
+        raise ValueError(f"apollo optimizers take DTensor parameters on a 1-D device mesh, got a {mesh.ndim}-D mesh")
+    if placements == (Replicate(),):
+        return None
+    if placements != (Shard(0),):
+        raise ValueError(f"apollo optimizers take DTensor parameters sharded on dim 0 (FSDP2), got {placements}")
+    local_shape, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+    return RowShard(mesh=mesh, offset=offset[0], rows=local_shape[0], shape=tuple(param.shape))
+
+
+def zeros_like_layout(param: torch.Tensor, shape: tuple[int, ...], *, rows_sharded: bool, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """Zero state of global `shape` laid out like `param`: a DTensor (``Shard(0)`` when the state's rows
+    are the weight's rows, ``Replicate()`` otherwise) for a DTensor `param`, a plain tensor otherwise."""
+    if not is_dtensor(param):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    mesh = param.device_mesh
+    shard = row_shard(param)
+    if rows_sharded and shard is not None:
+        local_shape = (shard.rows, *shape[1:])
+        placements = (Shard(0),)
+    else:
+        local_shape, placements = tuple(shape), (Replicate(),)
+    local_zeros = torch.zeros(local_shape, dtype=dtype, device=device)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local_zeros, mesh, placements, shape=torch.Size(shape), stride=stride)
