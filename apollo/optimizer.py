@@ -389,7 +389,8 @@ class APOLLO(_LowRankAdam):
         weights, grads, exp_avgs, exp_avg_sqs, shards = self._chunk_tensors(chunk, states)
         new_norms = FF.apollo_updates(
             weights, grads, projs, sides, exp_avgs, exp_avg_sqs, [s.get("limiter_norm") for s in states],
-            [s["step"] for s in states], shards=shards, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            [s["step"] for s in states], shards=shards, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"],
             scale_type=group["scale_type"], scale=group["scale"], scale_front=group["scale_front"],
             limiter_gamma=group["norm_growth_gamma"] if group["norm_growth_limiter"] else None,
         )
