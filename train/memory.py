@@ -175,7 +175,8 @@ def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int
         # torch's fused AdamW kernel works in place; it needs the moments in the weight's dtype
         scratch = 0 if s == p and not quantized else n * (s + (p if s != p else 0))
     elif not quantized:
-        scratch = sum(_fused_low_rank_scratch(param, group, name=name, p=p))
+        proj_held, proj_transient, held, held_without_r, update = _fused_low_rank_scratch(param, group, name=name, p=p)
+        scratch = max(proj_held + proj_transient, held, held_without_r + update)
     else:
         m, k = param.shape[0], min(param.shape)
         svd = 4 * (n + m * k + k * param.shape[1]) + (4 * n if p != 4 else 0)
@@ -189,12 +190,13 @@ def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int
     return scratch
 
 
-def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: int) -> tuple[int, int]:
-    """(held, transient) bytes of one float weight in apollo's fused low-rank step (apollo/fused.py).
+def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: int) -> tuple[int, int, int, int, int]:
+    """Bytes of one float weight in apollo's fused low-rank step (apollo/fused.py), by phase of its chunk:
 
-    held while its chunk is updated: P (random, not stored: p |P|), R cast to the state dtype and the
-    normalised direction (s |R| each); transient, one weight at a time: drawing P in float32 and casting
-    it (+ 4 |P|) or the SVD at a refresh, R before its cast (p |R|), and GaLore's back-projection
+    (P held, P transient) while the chunk's projections are made: a random P not stored (p |P|), drawn in
+    float32 and cast (+ 4 |P|); an SVD P is state, its refresh takes 4 (n + m k + k n) (+ 4 n to cast);
+    (held, held without R, transient) while the chunk is updated: P, R cast to the state dtype and the
+    normalised direction (s |R| each); GaLore frees R before it back-projects one weight at a time
     (p n, + p |R| to cast the direction).
     """
     s = 4 if group.get("state_dtype") == "float32" else p
@@ -203,25 +205,25 @@ def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: i
     p_size = math.prod(projection_shape(param.shape, group["rank"], side))
     svd_kind = name == "galore" or group.get("proj") == "svd"
     n, (m, cols), k = param.numel(), param.shape, min(param.shape)
-    held = (0 if svd_kind or group.get("store_projection") else p * p_size) + 2 * s * r_size
-    transient = (4 * (n + m * k + k * cols) + (4 * n if p != 4 else 0) if svd_kind
-                 else (4 * p_size if p != 4 else 0))
-    transient = max(transient, p * r_size if s != p else 0)
-    if name == "galore":
-        transient = max(transient, p * n + (p * r_size if s != p else 0))
-    return held, transient
+    proj_held = 0 if svd_kind or group.get("store_projection") else p * p_size
+    proj_transient = (4 * (n + m * k + k * cols) + (4 * n if p != 4 else 0) if svd_kind
+                      else (4 * p_size if p != 4 else 0))
+    update_transient = p * n + (p * r_size if s != p else 0) if name == "galore" else 0
+    return proj_held, proj_transient, proj_held + 2 * s * r_size, proj_held + s * r_size, update_transient
 
 
 def fused_step_scratch(group: dict, *, name: str, p: int) -> int:
     """The fused low-rank step's scratch for a param group: its largest chunk (fused.CHUNK_ELEMENTS moment
-    numbers per chunk): everything held for the chunk's weights + the largest transient among them."""
+    numbers per chunk), at the larger of its two phases (`_fused_low_rank_scratch`)."""
     params = [q for q in group["params"] if not is_quantized(q)]
     if not params:
         return 0
     terms = [_fused_low_rank_scratch(q, group, name=name, p=p) for q in params]
     sizes = [math.prod(projected_shape(q.shape, group["rank"], projection_side(q.shape, group.get("proj_type", "std"))))
              for q in params]
-    return max(sum(held for held, _ in terms[a:b]) + max(transient for _, transient in terms[a:b])
+    return max(max(sum(t[0] for t in terms[a:b]) + max(t[1] for t in terms[a:b]),
+                   sum(t[2] for t in terms[a:b]),
+                   sum(t[3] for t in terms[a:b]) + max(t[4] for t in terms[a:b]))
                for a, b in chunk_bounds(sizes))
 
 
