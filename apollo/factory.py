@@ -13,6 +13,7 @@ from torch import nn
 
 from .optimizer import APOLLO, GaLore
 from .quant import QuantLinear, is_quantized
+from .sharded import local
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in `optimizer.state`: tensors at their storage size, Python ints/floats as 8 bytes.
+    """Bytes this process holds in `optimizer.state`: tensors at their storage size (a DTensor's local shard),
+    Python ints/floats as 8 bytes.
 
     Works on anything with a torch-style ``state`` mapping (a `LayerwiseOptimizer` merges its own).
     """
@@ -135,6 +137,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):
+                value = local(value)  # a sharded (DTensor) state counts the shard this process holds
                 total += value.numel() * value.element_size()
             elif isinstance(value, (int, float)):
                 total += 8

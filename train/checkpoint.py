@@ -6,6 +6,9 @@ A checkpoint is a folder `<save_dir>/step_<7 digits>/` holding
     trainer.pt          step, tokens_seen, last_eval_step, world_size, the schedule's state
     rank_<5 digits>.pt  per rank: the data stream's position and the RNG states (torch, cuda, python, numpy)
     config.json         the resolved run config
+or, for a sharded run (--fsdp), instead of model.safetensors and optimizer.pt
+    sharded/            torch.distributed.checkpoint of {"model", "optimizer"}: every rank writes its own
+                        shards (no gather to one rank); loadable with the same world size
 Every .pt file holds tensors, numbers, strings, lists and dicts only: `torch.load(weights_only=True)`
 reads it. The folder is written under a temporary name and renamed when complete, so a crash mid-save
 never leaves a checkpoint that looks finished. With several processes every rank writes its own rank
@@ -29,6 +32,7 @@ from train.distributed import barrier
 
 PREFIX = "step_"
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "config.json")
+SHARDED_FILES = ("sharded/.metadata", "trainer.pt", "config.json")  # --fsdp: torch.distributed.checkpoint
 
 
 def checkpoint_path(save_dir: str | Path, step: int) -> Path:
@@ -53,10 +57,24 @@ def find_checkpoint(path: str | Path) -> Path:
     if not candidates:
         raise ValueError(f"{path} holds no checkpoint (a {PREFIX}* folder with trainer.pt)")
     checkpoint = candidates[-1]
-    missing = [name for name in REQUIRED_FILES if not (checkpoint / name).is_file()]
+    required = SHARDED_FILES if is_sharded(checkpoint) else REQUIRED_FILES
+    missing = [name for name in required if not (checkpoint / name).is_file()]
     if missing or not any(checkpoint.glob("rank_*.pt")):
         raise ValueError(f"checkpoint {checkpoint} is incomplete: missing {', '.join(missing) or 'rank_*.pt'}")
     return checkpoint
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    """Whether `checkpoint` was written by a sharded (--fsdp) run."""
+    return (Path(checkpoint) / "sharded").is_dir()
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{"model", "optimizer"} state dicts of DTensor shards, keyed by parameter names (DCP's own helpers)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def checkpoint_world_size(checkpoint: Path) -> int:
@@ -106,8 +124,12 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     config: dict[str, Any],
     rank: int = 0,
+    sharded: bool = False,
 ) -> Path:
-    """Write the checkpoint after `step` updates atomically; every rank must call this. Returns its folder."""
+    """Write the checkpoint after `step` updates atomically; every rank must call this. Returns its folder.
+
+    `sharded`: the model was sharded with FSDP2; every rank writes its shards with torch.distributed.checkpoint.
+    """
     final = checkpoint_path(save_dir, step)
     temporary = final.with_name(f".tmp-{final.name}")
     if rank == 0:
@@ -115,9 +137,14 @@ def save_checkpoint(
         temporary.mkdir(parents=True)
     barrier()
     torch.save(rank_state, rank_file(temporary, rank))
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=temporary / "sharded")
     if rank == 0:
-        save_model(model, str(temporary / "model.safetensors"))
-        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+        if not sharded:
+            save_model(model, str(temporary / "model.safetensors"))
+            torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
         torch.save(trainer_state, temporary / "trainer.pt")
         (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     barrier()
@@ -143,9 +170,17 @@ def load_checkpoint(
     trainer_state.
     """
     checkpoint = Path(checkpoint)
-    device = next(model.parameters()).device
-    load_model(model, checkpoint / "model.safetensors", strict=True, device=str(device))
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
+    if is_sharded(checkpoint):  # every rank reads its own shards into the sharded model and optimizer
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = _sharded_state(model, optimizer)
+        dcp.load(state, checkpoint_id=checkpoint / "sharded")
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    else:
+        device = next(model.parameters()).device
+        load_model(model, checkpoint / "model.safetensors", strict=True, device=str(device))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
     trainer_state = torch.load(checkpoint / "trainer.pt", weights_only=True)
     rank_state = torch.load(rank_file(checkpoint, rank), weights_only=True)
     return trainer_state, rank_state

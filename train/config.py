@@ -99,6 +99,10 @@ class TrainConfig:
                                   choices=("bfloat16", "float32"))
     activation_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     single_gpu: bool = option(False, "one process, no DistributedDataParallel wrapper")
+    fsdp: bool = option(False, "shard weights, gradients and optimizer state over the processes with FSDP2 "
+                               "(fully_shard per decoder layer and the root) instead of DDP; sharded checkpoints")
+    fsdp_mixed_precision: bool = option(False, "with --fsdp: compute in bfloat16 and reduce gradients in float32; "
+                                               "weights and optimizer state stay float32 (--dtype float32)")
     weight_quant: bool = option(False, "store attention/MLP weights as uint8 groups (Q-APOLLO; needs a low-rank optimizer)")
     weight_bits: int = option(8, "bits per quantised weight (only 8 is supported)")
     weight_group_size: int = option(128, "elements per quantisation group (scale and zero point); must divide every "
@@ -226,8 +230,9 @@ def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list
     if c.single_gpu and world_size > 1:
         raise ConfigError(f"--single_gpu runs one process, but {world_size} were launched; drop --single_gpu or use --nproc_per_node 1")
 
-    if c.dtype is None:
-        c.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if c.dtype is None:  # --fsdp keeps float32 shards; --fsdp_mixed_precision computes in bfloat16
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not c.fsdp
+        c.dtype = "bfloat16" if bf16 else "float32"
     warnings += _resolve_optimizer_flags(c)
     warnings += _resolve_memory_modes(c, world_size)
     if c.wandb is None:
@@ -298,6 +303,22 @@ def _resolve_memory_modes(c: TrainConfig, world_size: int) -> list[str]:
     if c.weight_quant and family(c.optimizer) == "adamw":
         raise ConfigError("--weight_quant needs a low-rank optimizer (torch.optim.AdamW cannot update int8 weights): "
                           "choose --optimizer apollo, apollo_mini, apollo_svd or galore")
+    if c.fsdp_mixed_precision and not c.fsdp:
+        raise ConfigError("--fsdp_mixed_precision needs --fsdp")
+    if c.fsdp:
+        if world_size < 2:
+            raise ConfigError("--fsdp shards over processes: launch with torchrun --nproc_per_node N, N > 1 "
+                              "(one process trains without it)")
+        for flag in ("single_gpu", "weight_quant", "layerwise"):
+            if getattr(c, flag):
+                raise ConfigError(f"--fsdp does not combine with --{flag}")
+        if c.fsdp_mixed_precision and c.dtype != "float32":
+            raise ConfigError(f"--fsdp_mixed_precision keeps float32 weights and computes in bfloat16: "
+                              f"use --dtype float32, not {c.dtype}")
+        if family(c.optimizer) != "adamw" and c.state_dtype == "float32" and c.dtype != "float32":
+            raise ConfigError(f"--fsdp with {c.optimizer} needs the optimizer state in the weights' dtype: "
+                              "use --dtype float32 (with --fsdp_mixed_precision for bfloat16 compute) "
+                              "or --state_dtype param")
     if c.layerwise:
         try:
             check_layerwise(gradient_accumulation=c.gradient_accumulation, grad_clipping=c.grad_clipping,

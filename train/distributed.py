@@ -71,6 +71,24 @@ def wrap_model(model: nn.Module, ctx: Distributed, *, single_gpu: bool = False) 
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+def shard_model(model: nn.Module, ctx: Distributed, *, mixed_precision: bool = False) -> nn.Module:
+    """FSDP2 in place: each decoder layer, then the root (embeddings, final norm, lm_head), sharded by rows
+    over all processes (`torch.distributed.fsdp.fully_shard`); the parameters become DTensors.
+
+    `mixed_precision`: compute in bfloat16, reduce gradients in float32 (the sharded weights keep their dtype).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+              else MixedPrecisionPolicy())
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (or the model itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model

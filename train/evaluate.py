@@ -61,8 +61,13 @@ def evaluate(
     device: str | torch.device = "cpu",
     rank: int = 0,
     world_size: int = 1,
+    lockstep: bool = False,
 ) -> EvalResult:
-    """Score the validation split (see the module docstring); the model's train/eval mode is restored."""
+    """Score the validation split (see the module docstring); the model's train/eval mode is restored.
+
+    `lockstep`: every rank runs the same number of forward passes (a sharded model all-gathers its weights
+    in each one): the ranks agree before each batch and all stop when one has met its budget or run out.
+    """
     if eval_tokens < 1:
         raise ValueError(f"eval_tokens {eval_tokens}: must be at least 1")
     budget = math.ceil(eval_tokens / world_size)  # this rank's share of the targets
@@ -80,11 +85,18 @@ def evaluate(
                 rank=rank,
                 world_size=world_size,
             )
-            for batch in batches:
+            batches = iter(batches)
+            while True:
+                batch = next(batches, None) if count < budget else None
+                if lockstep:  # all go on only if every rank has a batch to score
+                    going = torch.tensor([0.0 if batch is None else 1.0], device=device)
+                    dist.all_reduce(going, op=dist.ReduceOp.MIN)
+                    if going.item() == 0.0:
+                        break
+                elif batch is None:
+                    break
                 loss_sum += batch_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
                 count += count_targets(batch["labels"])
-                if count >= budget:
-                    break
     finally:
         model.train(was_training)
     totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 import apollo
-from apollo import quant
+from apollo import quant, sharded
 from train.checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from train.build import build_optimizer, quantize
 from train.config import TrainConfig
 from train.data import build_train_loader
-from train.distributed import Distributed, StopSignal, all_gather_floats, all_reduce_sum, unwrap, wrap_model
+from train.distributed import (Distributed, StopSignal, all_gather_floats, all_reduce_sum, shard_model, unwrap,
+                               wrap_model)
 from train.evaluate import evaluate
 from train.logging import MetricsLogger
 from train.model import build_model, parameter_counts
@@ -73,6 +74,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                         activation_checkpointing=config.activation_checkpointing)
     counts = parameter_counts(model)  # before quantisation: the int8 layers are no longer nn.Linear
     quantize(model, config)  # --weight_quant: uint8 attention/MLP weights, before DDP and the optimizer see them
+    if config.fsdp:  # the optimizer must see the sharded (DTensor) parameters
+        shard_model(model, ctx, mixed_precision=config.fsdp_mixed_precision)
     optimizer = build_optimizer(model, config)  # --layerwise: updates run from gradient hooks inside backward
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     loader = build_train_loader(tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
@@ -100,7 +103,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                 f"run folder {run_dir}")
 
     def save(step: int) -> None:
-        save_checkpoint(run_dir, step, model=model, optimizer=optimizer, rank=ctx.rank, config=config.to_dict(),
+        save_checkpoint(run_dir, step, model=model, optimizer=optimizer, rank=ctx.rank, sharded=config.fsdp,
+                        config=config.to_dict(),
                         trainer_state={"counters": dict(state), "world_size": ctx.world_size,
                                        "schedule": {"scheduler": config.scheduler, "base_lrs": base_lrs,
                                                     "warmup_steps": config.warmup_steps,
@@ -111,13 +115,14 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     def run_eval(step: int) -> None:
         result = evaluate(model, tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
                           batch_size=config.eval_batch_size or config.batch_size, eval_tokens=config.eval_tokens,
-                          device=ctx.device, rank=ctx.rank, world_size=ctx.world_size)  # restores train mode
+                          device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
+                          lockstep=config.fsdp)  # restores train mode
         state["last_eval_step"] = step
         logger.log({"eval/loss": result.loss, "eval/perplexity": result.perplexity, "eval/tokens": result.tokens}, step)
         logger.info(f"update {step}: eval loss {result.loss:.4f}, perplexity {result.perplexity:.2f}")
 
     # -- the loop --------------------------------------------------------------------------------
-    ddp_model = wrap_model(model, ctx, single_gpu=config.single_gpu)
+    ddp_model = model if config.fsdp else wrap_model(model, ctx, single_gpu=config.single_gpu)
     ddp_model.train()
     batches = iter(loader)
     stop = StopSignal()
@@ -142,6 +147,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                 tokens += int(batch["attention_mask"].sum())
                 batch = {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
                 syncing = micro_step == accum - 1 or ddp_model is model
+                if config.fsdp:  # reduce-scatter the gradients once per update
+                    model.set_requires_gradient_sync(micro_step == accum - 1)
                 with nullcontext() if syncing else ddp_model.no_sync():  # all-reduce grads once per update
                     loss = ddp_model(**batch).loss / accum
                     loss.backward()
@@ -197,8 +204,9 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
             run_eval(step)
         if step > start_step:
             save(step)
+        # replicas must agree (DDP); sharded runs hold different rows on each rank by design
         checksums = all_gather_floats(_checksum(model), ctx.device)  # [[sum, sum of squares] of each rank]
-        identical = all(value == checksums[0] for value in checksums)
+        identical = config.fsdp or all(value == checksums[0] for value in checksums)
         logger.log({"param_checksums": checksums, "replicas_identical": identical}, step)
         if not identical:
             logger.info(f"warning: replicas differ at the end of the run: parameter checksums {checksums}")
@@ -219,15 +227,17 @@ def _clip_or_measure(model: torch.nn.Module, config: TrainConfig, *, measure: bo
     if config.grad_clipping > 0:
         if config.weight_quant:
             return quant.clip_grad_norm_(model, config.grad_clipping)
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clipping)
-    return torch.nn.utils.get_total_norm(quant.gradients(model)) if measure else None
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clipping)
+    else:
+        norm = torch.nn.utils.get_total_norm(quant.gradients(model)) if measure else None
+    return norm.full_tensor() if sharded.is_dtensor(norm) else norm  # FSDP2: a replicated DTensor
 
 
 def _checksum(model: torch.nn.Module) -> list[float]:
     """[sum, sum of squares] of every parameter in float64: equal on every rank iff replicas agree (in practice)."""
     total, squares = 0.0, 0.0
     with torch.no_grad():
-        for param in model.parameters():  # one float64 copy at a time
-            value = param.detach().double()
+        for param in model.parameters():  # one float64 copy at a time (this rank's shard under --fsdp)
+            value = sharded.local(param.detach()).double()
             total, squares = total + value.sum(), squares + (value * value).sum()
     return [float(total), float(squares)]

@@ -34,6 +34,9 @@ def _memory_modes(config: TrainConfig) -> str:
                      f"({'stochastic' if config.stochastic_round else 'nearest'} rounding)")
     if config.layerwise:
         modes.append("layer-wise updates during backward")
+    if config.fsdp:
+        modes.append("FSDP2: weights, gradients and optimizer state sharded over the processes"
+                     + (" (bfloat16 compute, float32 reduction)" if config.fsdp_mixed_precision else ""))
     return "; ".join(modes) or "none (full-precision weights, one optimizer step per update)"
 
 
@@ -48,7 +51,7 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         dtype=config.dtype, state_dtype=config.state_dtype, packing=config.packing, weight_quant=config.weight_quant,
         weight_group_size=config.weight_group_size, weight_bits=config.weight_bits,
         stochastic_round=config.stochastic_round, layerwise=config.layerwise,
-        world_size=1 if config.single_gpu else world_size,  # DDP keeps a bucket copy of every gradient
+        world_size=1 if config.single_gpu or config.fsdp else world_size,  # DDP keeps a bucket copy of every gradient
     )
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     return [
@@ -62,7 +65,9 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         f"schedule: {config.num_training_steps:,} updates ({config.warmup_steps:,} warmup, {config.scheduler} to "
         f"{config.min_lr_ratio:g} x lr) = {config.num_training_steps * tokens_per_update / 1e9:.2f}B token slots; "
         f"eval every {config.eval_every:,}, save every {config.save_every:,}",
-        f"memory per process (estimate, {config.dtype}, micro-batch {config.batch_size}): "
+        (f"memory of one unsharded replica (FSDP2 divides weights, gradients and most state by {world_size}; "
+         f"not modelled) " if config.fsdp else "memory per process ")
+        + f"(estimate, {config.dtype}, micro-batch {config.batch_size}): "
         f"weights {memory.weights / GB:.2f} GB, gradients {memory.gradients / GB:.2f} GB, optimizer states "
         f"{memory.optimizer_states / GB:.3f} GB, activations {memory.activations / GB:.2f} GB, total {memory.total / GB:.2f} GB",
     ]

@@ -114,6 +114,12 @@ def test_max_train_tokens_counts_tokens_per_update():
     ("--apollo_scale 0", "--apollo_scale must be > 0"),
     ("--max_train_tokens 100 --max_length 256", "--max_train_tokens 100 is less than one update"),
     ("--single_gpu", "--single_gpu runs one process, but 2 were launched"),
+    ("--fsdp_mixed_precision", "--fsdp_mixed_precision needs --fsdp"),
+    ("--fsdp --layerwise", "--fsdp does not combine with --layerwise"),
+    ("--fsdp --optimizer apollo --weight_quant", "--fsdp does not combine with --weight_quant"),
+    ("--fsdp --fsdp_mixed_precision --dtype bfloat16", "--fsdp_mixed_precision keeps float32 weights .* not bfloat16"),
+    ("--fsdp --optimizer apollo_mini --dtype bfloat16", "--fsdp with apollo_mini needs the optimizer state in the "
+                                                         "weights' dtype"),
 ])
 def test_resolve_rejects(flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -196,3 +202,8 @@ def test_cli_warns_about_ignored_flags_and_goes_on(cli_args, capsys, monkeypatch
     argv = [item for pair in {**cli_args, "--rank": "8"}.items() for item in pair]
     assert cli.main(argv) == 0
     assert capsys.readouterr().err.strip() == "warning: --rank is ignored by --optimizer adamw"
+
+
+def test_fsdp_needs_several_processes():
+    with pytest.raises(ConfigError, match="--fsdp shards over processes: launch with torchrun"):
+        resolved(["--batch_size", "2", "--warmup_steps", "0", "--fsdp"], world_size=1)

@@ -1,0 +1,68 @@
+"""FSDP2 (--fsdp) under torchrun with 2 CPU processes (gloo): the same weights as DDP, exact resume, sharded state."""
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from tests.train.test_cli import read_metrics, run_train, tiny_args, weights
+
+# the tiny model's MLP has tall (gate/up, 64 x 32) and wide (down, 32 x 64) weights: both projection sides
+OPTIMIZERS = {"adamw": {}, "apollo": {"rank": 4, "update_proj_gap": 2}, "apollo_mini": {"update_proj_gap": 2},
+              "galore": {"rank": 4, "update_proj_gap": 2}}
+
+
+def sharded_weights(checkpoint, tmp_path) -> dict[str, torch.Tensor]:
+    """The model of a torch.distributed.checkpoint folder, gathered into one file."""
+    target = tmp_path / f"{checkpoint.parent.name}-{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint / "sharded", target)
+    return torch.load(target, weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, c4_dir, tokenizer_dir):
+    """name -> (folder, fsdp argv): a DDP and an FSDP2 run of 4 updates per optimizer, same seed."""
+    result = {}
+    for name, flags in OPTIMIZERS.items():
+        folder = tmp_path_factory.mktemp(name)
+        common = dict(optimizer=name, total_batch_size=8, num_training_steps=4, save_every=2, eval_every=2, **flags)
+        run_train(tiny_args(folder, c4_dir, tokenizer_dir, folder / "ddp", **common), nproc=2)
+        argv = tiny_args(folder, c4_dir, tokenizer_dir, folder / "fsdp", fsdp=True, **common)
+        run_train(argv, nproc=2)
+        result[name] = (folder, argv)
+    return result
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fsdp_ends_with_the_ddp_weights(runs, name, tmp_path):
+    folder, _ = runs[name]
+    expected = weights(folder / "ddp" / "step_0000004")
+    got = sharded_weights(folder / "fsdp" / "step_0000004", tmp_path)
+    start = sharded_weights(folder / "fsdp" / "step_0000002", tmp_path)
+    assert set(got) == set(expected)
+    for key in expected:
+        # relative 1e-5 of the weights (float32 round-off: the gradients are summed in another order), and
+        # a thousandth of what the last two updates moved them
+        error, moved = (got[key] - expected[key]).norm(), (expected[key] - start[key]).norm()
+        assert error <= 1e-5 * expected[key].norm() and error <= 1e-3 * moved, (key, error, moved)
+    ddp_loss = [r["loss"] for r in read_metrics(folder / "ddp") if "loss" in r]
+    fsdp_loss = [r["loss"] for r in read_metrics(folder / "fsdp") if "loss" in r]
+    assert fsdp_loss == pytest.approx(ddp_loss, rel=1e-5)
+
+
+def test_fsdp_state_per_rank_is_a_fraction_of_ddp(runs):
+    for name in ("adamw", "apollo", "galore"):
+        folder, _ = runs[name]
+        ddp = next(r["optimizer_state_bytes"] for r in read_metrics(folder / "ddp") if "optimizer_state_bytes" in r)
+        fsdp = next(r["optimizer_state_bytes"] for r in read_metrics(folder / "fsdp") if "optimizer_state_bytes" in r)
+        print(f"{name}: optimizer state per rank {fsdp} bytes with FSDP2 against {ddp} with DDP ({fsdp / ddp:.2f})")
+        assert fsdp < 0.75 * ddp, (name, fsdp, ddp)
+
+
+@pytest.mark.parametrize("name", ["apollo", pytest.param("galore", marks=pytest.mark.slow)])
+def test_fsdp_resume_is_exact(runs, name, tmp_path):
+    folder, argv = runs[name]
+    resumed = folder / "resumed"
+    run_train(argv + ["--continue_from", str(folder / "fsdp" / "step_0000002"), "--save_dir", str(resumed)], nproc=2)
+    expected = sharded_weights(folder / "fsdp" / "step_0000004", tmp_path)
+    got = sharded_weights(resumed / "step_0000004", tmp_path)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
