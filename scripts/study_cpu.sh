@@ -11,6 +11,8 @@
 #   EVAL_EVERY 30  EVAL_TOKENS 50000  WARMUP 12
 #   PROJ_GAP 40: low-rank projections are redrawn every 40 updates (the default 200 would never refresh in a
 #   120-update run, turning GaLore and APOLLO into a study of the step-1 subspace)
+#   CHECKS "lr=1e-3 lr=2.5e-3,eps=1e-6": extra AdamW runs (comma-separated flag=value sets) that test the
+#   reading: a smaller lr than the grid's, and APOLLO's epsilon (1e-6) instead of torch's 1e-8. "" skips them.
 # Runs already finished are skipped and interrupted ones resumed (train.sweep), so the study can be re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +44,26 @@ for optimizer in $OPTIMIZERS; do
         --seed 42 --dtype float32 --single_gpu --workers 0 --wandb "${WANDB_MODE:-offline}" "${lowrank[@]}"
 done
 
+CHECKS=${CHECKS-lr=1e-3 lr=2.5e-3,eps=1e-6}
+for check in $CHECKS; do
+    name="adamw-${check//=/}"; name=${name//,/-}
+    run_dir="$OUT/checks/$name"
+    [[ -d $run_dir/$(printf 'step_%07d' "$STEPS") ]] && continue  # finished already
+    rm -rf "$run_dir"
+    flags=()
+    IFS=, read -ra pairs <<< "$check"
+    for pair in "${pairs[@]}"; do flags+=("--${pair%%=*}" "${pair#*=}"); done
+    python -m train --optimizer adamw "${flags[@]}" --save_dir "$run_dir" --name "$name" \
+        --model_config configs/llama_9m.json --data_dir "$DATA_DIR" --tokenizer "$TOKENIZER" \
+        --max_length "$MAX_LENGTH" --packing --batch_size "$BATCH" --total_batch_size "$BATCH" --num_training_steps "$STEPS" \
+        --warmup_steps "$WARMUP" --eval_every "$EVAL_EVERY" --eval_tokens "$EVAL_TOKENS" --save_every "$STEPS" \
+        --seed 42 --dtype float32 --single_gpu --workers 0 --wandb "${WANDB_MODE:-offline}"
+done
+if [[ -n $CHECKS ]]; then
+    python -m train.compare "$OUT"/adamw/train-*/ "$OUT"/checks/adamw-*/ --out "$OUT/checks" \
+        --title "AdamW checks: LLaMA-9M, $STEPS updates"
+fi
+
 runs=()
 for optimizer in $OPTIMIZERS; do runs+=("$OUT/$optimizer"/train-*/); done
 python -m train.compare "${runs[@]}" --out "$OUT" --best_per optimizer --title "LLaMA-9M on the C4 sample, $STEPS updates"
@@ -62,5 +84,13 @@ tokens=$(( STEPS * BATCH * MAX_LENGTH ))
     echo "![validation perplexity]($(basename "$png"))"
     echo
     cat "$OUT/comparison.md"
+    if [[ -n $CHECKS ]]; then
+        echo
+        echo "## Checks: AdamW with a smaller lr and with APOLLO's epsilon"
+        echo
+        echo "Extra AdamW runs (\`CHECKS=\"$CHECKS\"\`), same budget, seed and data, beside the grid's AdamW runs:"
+        echo
+        cat "$OUT/checks/comparison.md"
+    fi
 } > "$DOC"
 echo "wrote $DOC and $png" >&2

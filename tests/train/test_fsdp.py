@@ -66,3 +66,15 @@ def test_fsdp_resume_is_exact(runs, name, tmp_path):
     got = sharded_weights(resumed / "step_0000004", tmp_path)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_fsdp_mixed_precision_tracks_the_float32_run(runs, c4_dir, tokenizer_dir, tmp_path):
+    """bfloat16 compute with float32 reduction over float32 shards: the losses follow the float32 run to
+    bfloat16 precision (and differ from it: the flag does something)."""
+    folder, argv = runs["apollo"]
+    mixed = tmp_path / "mixed"
+    run_train(argv + ["--fsdp_mixed_precision", "--save_dir", str(mixed)], nproc=2)
+    full = [r["loss"] for r in read_metrics(folder / "fsdp") if "loss" in r]
+    half = [r["loss"] for r in read_metrics(mixed) if "loss" in r]
+    assert half == pytest.approx(full, rel=1e-2) and half != full
+    assert sharded_weights(mixed / "step_0000004", tmp_path)["lm_head.weight"].dtype == torch.float32
