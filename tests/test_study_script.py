@@ -19,8 +19,8 @@ def test_study_script_small_version(tmp_path, c4_dir, tokenizer_dir):
     assert result.returncode == 0, result.stderr[-2000:]
     doc = (tmp_path / "doc" / "study.md").read_text()
     best, everything = doc.split("## Checks")[0].split("All runs:")
-    assert best.count("| train-lr") == 2  # one best run per optimizer
-    assert everything.count("| train-lr") == 4
+    assert best.count(" train-lr") == 2 and "| adamw train-lr" in best  # one best run per optimizer, told apart
+    assert everything.count(" train-lr") == 4
     assert "Budget per run: 2 updates x 2 sequences x 32 positions = 128 tokens" in doc
     checks = doc.split("## Checks")[1]
     assert "| adamw-lr5e-4-eps1e-6 |" in checks and checks.count("| train-lr") == 2  # beside the grid's AdamW

@@ -16,6 +16,7 @@ import json
 import math
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,15 @@ def plot(runs: list[Run], out_png: Path, *, title: str, smoothing: float) -> Non
     plt.close(figure)
 
 
+def _tell_apart(runs: list[Run]) -> None:
+    """Runs that share a name (sweeps of different optimizers all name theirs train-lr...) get their optimizer
+    in front of it, so that legends and tables tell them apart."""
+    counts = Counter(run.name for run in runs)
+    for run in runs:
+        if counts[run.name] > 1 and run.config.get("optimizer"):
+            run.name = f"{run.config['optimizer']} {run.name}"
+
+
 def compare(paths: list[str], out_dir: str | Path, *, title: str = "", smoothing: float = 0.9,
             best_per_key: str | None = None) -> list[Run]:
     """Load every run it can, report the others on stderr, write comparison.md and perplexity.png into out_dir.
@@ -212,6 +222,7 @@ def compare(paths: list[str], out_dir: str | Path, *, title: str = "", smoothing
         runs.append(run)
     if not runs:
         raise RunError("none of the given directories holds a run to compare")
+    _tell_apart(runs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text, plotted = markdown_table(runs), runs

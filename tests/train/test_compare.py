@@ -101,3 +101,16 @@ def test_best_per_optimizer(tmp_path):
     best, everything = text.split("All runs:")
     assert "| m-lr1 |" in best and "| a-lr1 |" in best and "| a-lr2 |" not in best
     assert everything.count("\n| ") == 1 + 3  # header + 3 runs
+
+
+def test_runs_that_share_a_name_are_told_apart_by_their_optimizer(tmp_path):
+    """Sweeps of different optimizers all name their runs train-lr...: the table and legend prefix the optimizer."""
+    runs = [
+        _write_run(tmp_path / "a", {"name": "train-lr1", "optimizer": "adamw"}, _records([50.0, 40.0])),
+        _write_run(tmp_path / "m", {"name": "train-lr1", "optimizer": "apollo_mini"}, _records([60.0, 39.0])),
+        _write_run(tmp_path / "u", {"name": "train-lr2", "optimizer": "apollo"}, _records([60.0, 38.0])),
+    ]
+    loaded = compare.compare([str(r) for r in runs], tmp_path / "out")
+    assert [run.name for run in loaded] == ["adamw train-lr1", "apollo_mini train-lr1", "train-lr2"]
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| adamw train-lr1 |" in text and "| apollo_mini train-lr1 |" in text and "| train-lr2 |" in text
