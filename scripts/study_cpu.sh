@@ -69,6 +69,9 @@ for optimizer in $OPTIMIZERS; do runs+=("$OUT/$optimizer"/train-*/); done
 python -m train.compare "${runs[@]}" --out "$OUT" --best_per optimizer --title "LLaMA-9M on the C4 sample, $STEPS updates"
 
 mkdir -p "$(dirname "$DOC")"
+# a hand-written "## Reading" section at the end of an existing document is kept (re-read it after a re-run)
+reading=""
+[[ -f $DOC ]] && reading=$(sed -n '/^## Reading/,$p' "$DOC")
 png="${DOC%.md}.png"
 cp "$OUT/perplexity.png" "$png"
 tokens=$(( STEPS * BATCH * MAX_LENGTH ))
@@ -91,6 +94,10 @@ tokens=$(( STEPS * BATCH * MAX_LENGTH ))
         echo "Extra AdamW runs (\`CHECKS=\"$CHECKS\"\`), same budget, seed and data, beside the grid's AdamW runs:"
         echo
         cat "$OUT/checks/comparison.md"
+    fi
+    if [[ -n $reading ]]; then
+        echo
+        echo "$reading"
     fi
 } > "$DOC"
 echo "wrote $DOC and $png" >&2
