@@ -102,6 +102,22 @@ def _low_rank_directions(
     return denoms
 
 
+def _norms(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Euclidean norms of `x` along `dim` (kept as a size-1 axis), computed in `dtype`.
+
+    On the CPU torch's reduction over dim 0 of a row-major matrix is ~15x slower than over dim 1
+    (3.7 ms against 0.22 ms for 768 x 2048 here), so columns are summed as squares, 64 rows at a time
+    (a small temporary, not a copy of x).
+    """
+    if dim == 1 or x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
+    squares = torch.zeros((1, x.shape[1]), dtype=dtype, device=x.device)
+    for block in x.split(64):
+        block = block.to(dtype)
+        squares += (block * block).sum(0, keepdim=True)
+    return squares.sqrt_()
+
+
 def _project_chunk(grads, projs, sides, shards, dtypes) -> list[torch.Tensor]:
     """R = project(G) for each weight, cast to its moments' dtype. A row-sharded weight projected from the
     left sums its rows' partial products over the ranks (sharded.py), in one all-reduce for the chunk."""
@@ -181,9 +197,8 @@ def apollo_updates(
                 values = squares
         else:
             dim = channel_dim(sides[i])
-            factor = direction.norm(dim=dim, keepdim=True) / (r.norm(dim=dim, keepdim=True) + NORM_EPS)
-            channel_norms = torch.linalg.vector_norm(grad, dim=1 if sides[i] == RIGHT else 0, keepdim=True,
-                                                     dtype=norm_dtype)
+            factor = _norms(direction, dim, direction.dtype) / (_norms(r, dim, r.dtype) + NORM_EPS)
+            channel_norms = _norms(grad, 1 if sides[i] == RIGHT else 0, norm_dtype)
             values = torch.linalg.vector_norm(factor.to(norm_dtype) * channel_norms).reshape(1)
             factors.append(factor)
             if shard is not None:
