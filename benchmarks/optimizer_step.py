@@ -38,13 +38,13 @@ def build_parameters(size: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.M
     config = LlamaConfig.from_json_file(str(REPO / "configs" / f"llama_{size}.json"))
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model.to_empty(device="cpu")
+    model.to_empty(device="cpu").to(dtype)  # the dtype first: a gradient must match its parameter's dtype
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
             p.grad = (torch.randn(p.shape, generator=generator) * 1e-3).to(dtype)
-    return model.to(dtype)
+    return model
 
 
 @functools.cache
