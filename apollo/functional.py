@@ -94,10 +94,18 @@ def limit_norm_growth(
     Returns (S, new p); stays on the device (no host sync). Norms are kept in at least float32.
     """
     norm = torch.linalg.vector_norm(update, dtype=torch.promote_types(update.dtype, torch.float32))
-    if previous_norm is None:
+    limit = growth_limit(norm, previous_norm, gamma)
+    if limit is None:
         return update, norm
-    limit = torch.clamp(norm / (previous_norm + NORM_EPS), min=gamma) / gamma
     return update / limit.to(update.dtype), norm / limit
+
+
+def growth_limit(norm: torch.Tensor, previous_norm: torch.Tensor | None, gamma: float) -> torch.Tensor | None:
+    """The limiter's divisor for an update of norm q after one of p: l = max(q / (p + 1e-8), gamma) / gamma;
+    None on the first step (no previous norm: nothing to limit)."""
+    if previous_norm is None:
+        return None
+    return torch.clamp(norm / (previous_norm + NORM_EPS), min=gamma) / gamma
 
 
 def apollo_update(

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .functional import NORM_EPS, bias_corrected_step_size, decay_weights
+from .functional import NORM_EPS, bias_corrected_step_size, decay_weights, growth_limit
 from .projection import LEFT, RIGHT, channel_dim, project, project_back
 
 #: Projected-gradient numbers per chunk of low-rank matrices (the bound on the fast step's scratch).
@@ -223,10 +223,10 @@ def apollo_updates(
         if limiter_gamma is not None:
             if scale_front:
                 norm = norm * sqrt_scale
-            if limiter_norms[i] is None:
+            limit = growth_limit(norm, limiter_norms[i], limiter_gamma)
+            if limit is None:
                 new_norm = norm
             else:
-                limit = torch.clamp(norm / (limiter_norms[i] + NORM_EPS), min=limiter_gamma) / limiter_gamma
                 coefficient = coefficient / limit
                 new_norm = norm / limit
         new_norms.append(new_norm)
