@@ -300,22 +300,27 @@ class _LowRankAdam(Optimizer):
             )
 
     def _step_low_rank_fused(self, batch: list[tuple[torch.Tensor, torch.Tensor]], group: dict[str, Any]) -> None:
-        """Low-rank updates a chunk of matrices at a time (fused.CHUNK_ELEMENTS moment numbers): P is drawn per
-        chunk, so the scratch is that of one chunk."""
-        sides = [projection_side(param.shape, group["proj_type"]) for param, _ in batch]
-        for (param, grad), side in zip(batch, sides):
+        """Low-rank updates a chunk of matrices at a time (`fused.step_chunks`, within one device and dtype,
+        whose scalars are computed together): P is drawn per chunk, so the scratch is that of one chunk."""
+        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, str]]] = {}
+        for param, grad in batch:
+            side = projection_side(param.shape, group["proj_type"])
             if not self.state[param]:
                 self._moments(group, grad, self.state[param], projected_shape(param.shape, group["rank"], side),
                               param=param, rows_sharded=side == RIGHT)
-        sizes = [self.state[param]["exp_avg"].numel() for param, _ in batch]
-        for start, stop in FF.chunk_bounds(sizes):
-            chunk = batch[start:stop]
-            states = [self.state[param] for param, _ in chunk]
-            projs = []
-            for (param, grad), side, state in zip(chunk, sides[start:stop], states):
-                projs.append(self._projection(param, grad, group, state, side))
-                state["step"] += 1
-            self._low_rank_updates(chunk, projs, sides[start:stop], states, group)
+            buckets.setdefault((grad.device, grad.dtype), []).append((param, grad, side))
+        for (device, _), entries in buckets.items():
+            moment_sizes = [sharded.local(self.state[param]["exp_avg"]).numel() for param, _, _ in entries]
+            grad_sizes = [sharded.local(grad).numel() for _, grad, _ in entries]
+            for start, stop in FF.step_chunks(moment_sizes, grad_sizes, device):
+                chunk = [(param, grad) for param, grad, _ in entries[start:stop]]
+                sides = [side for _, _, side in entries[start:stop]]
+                states = [self.state[param] for param, _ in chunk]
+                projs = []
+                for (param, grad), side, state in zip(chunk, sides, states):
+                    projs.append(self._projection(param, grad, group, state, side))
+                    state["step"] += 1
+                self._low_rank_updates(chunk, projs, sides, states, group)
 
     @staticmethod
     def _chunk_tensors(chunk, states):
