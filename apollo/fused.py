@@ -17,9 +17,12 @@ passes over the full-size tensors:
   :math:`\|S\|_F = \sqrt{c}\,\sqrt{\sum_j s_j^2 \|G_{[j]}\|^2}` (one read of G for its channel norms), and the
   weight takes :math:`W \mathrel{+}= G \odot f` with :math:`f = -k_t \sqrt{c}\, s / l` (one more read of G):
   three passes over G-sized memory against the plain path's ten.
-- the small low-rank moments are updated with ``torch._foreach_*`` ops, a chunk of matrices at a time:
-  the optimizer passes chunks of at most :data:`CHUNK_ELEMENTS` moment numbers (or one matrix), which
-  bounds the step's scratch to the P, R and normalised direction of one chunk.
+- the optimizer passes a chunk of matrices at a time (`step_chunks`): at most :data:`CHUNK_ELEMENTS`
+  moment numbers (or one matrix), which bounds the step's scratch to the P, R and normalised direction of
+  one chunk; on the CPU also at most :data:`CPU_CHUNK_GRAD_ELEMENTS` gradient numbers, so that a chunk's
+  G, read from memory once (for its norms), is still in the cache for its projection and the weight
+  update. Within a chunk the small low-rank moments are updated with ``torch._foreach_*`` ops, and the
+  per-matrix scalars (scaling factors, limiter, step sizes) are computed as vectors, a few ops per chunk.
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ from .projection import LEFT, RIGHT, channel_dim, project, project_back
 
 #: Projected-gradient numbers per chunk of low-rank matrices (the bound on the fast step's scratch).
 CHUNK_ELEMENTS = 2**22
-#: Gradient numbers per chunk on the CPU (16 MB of float32, half a 32 MB L3): a chunk's G is read by its projection, its norms
-#: and the weight update; small chunks keep G in the cache between these passes (3 reads from memory -> 1).
+#: Gradient numbers per chunk on the CPU (16 MB of float32, half of this machine's 32 MB L3; 2^20-2^23 were
+#: timed at 130M, docs/performance.md): G's norms, its projection and the weight update each read G, and in
+#: a small chunk only the first read comes from memory. Larger chunks lose the cache, smaller ones pay more
+#: per-chunk overhead.
 CPU_CHUNK_GRAD_ELEMENTS = 2**22
 
 

@@ -1,6 +1,7 @@
 """Optimizer step time on the parameters of a LLaMA config, against baselines measured in the same run.
 
     python benchmarks/optimizer_step.py --models 60m 130m --dtypes float32 bfloat16 --steps 20
+    python benchmarks/optimizer_step.py --models 130m --dtypes bfloat16 --rows apollo apollo_mini
 
 For each model and dtype it builds the model's parameters (random values) with random gradients and
 prints a markdown table: median ms per step (>= --steps timed steps after warm-up, optimizers
@@ -20,6 +21,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -136,11 +138,25 @@ def state_mb(optimizer) -> float:
     return apollo.optimizer_state_bytes(optimizer) / 2**20
 
 
-def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int) -> str:
+BASELINES = ("torch adamw foreach", "torch adamw fused")
+PUBLISHED = {"apollo": "apollo-torch apollo", "apollo_mini": "apollo-torch apollo_mini", "galore": "galore-torch galore"}
+ROWS = ("apollo", "apollo (plain path)", "apollo_mini", "apollo_mini (plain path)", "apollo_svd", "galore",
+        "apollo regular group")
+
+
+def selected(name: str, rows: Sequence[str]) -> bool:
+    """Whether a factory's row is timed: the torch AdamW baselines always, a published package's row with
+    its counterpart (plain path or not)."""
+    if name in BASELINES or name in rows:
+        return True
+    return any(PUBLISHED.get(row.removesuffix(" (plain path)")) == name for row in rows)
+
+
+def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, rows: Sequence[str] = ROWS) -> str:
     rank = RANKS[size]
     model = build_parameters(size, dtype)
     # normal steps: a gap far beyond the run, after the first (refresh) step in warm-up
-    normal = {name: make() for name, make in optimizers(model, rank, gap=10**9).items()}
+    normal = {name: make() for name, make in optimizers(model, rank, gap=10**9).items() if selected(name, rows)}
     snapshot = [p.detach().clone() for p in model.parameters()]
     floor_parts = projection_floor(model, rank, dtype)
     timed = time_rounds({**{n: o.step for n, o in normal.items()}, **floor_parts}, steps, warmup=2)
@@ -166,10 +182,9 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int) -> 
         "| optimizer | step ms | refresh step ms | state MB | / adamw fused | / adamw foreach | / floor | / published |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    published = {"apollo": "apollo-torch apollo", "apollo_mini": "apollo-torch apollo_mini", "galore": "galore-torch galore"}
     for name, optimizer in normal.items():
         ms = median_ms[name]
-        ref = published.get(name.removesuffix(" (plain path)"))
+        ref = PUBLISHED.get(name.removesuffix(" (plain path)"))
         vs_published = f"{ms / median_ms[ref]:.2f}" if ref in median_ms else "-"
         vs_floor = f"{ms / floor_ms:.2f}" if name.startswith("apollo") and "torch" not in name else "-"
         if name == "apollo regular group":  # its baseline is the fused kernel on the same (regular) tensors
@@ -186,13 +201,16 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (after warm-up)")
     parser.add_argument("--refresh_steps", type=int, default=3, help="timed refresh steps per optimizer (SVD is slow)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW",
+                        help=f"optimizers to time (default: all of {', '.join(ROWS)}); torch's AdamW (foreach, fused) "
+                             "and the published package of a chosen row are always timed with them")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     for size in args.models:
         for dtype in args.dtypes:
-            print(benchmark(size, getattr(torch, dtype), args.steps, args.refresh_steps), flush=True)
+            print(benchmark(size, getattr(torch, dtype), args.steps, args.refresh_steps, args.rows), flush=True)
 
 
 if __name__ == "__main__":

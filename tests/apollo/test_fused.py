@@ -118,6 +118,17 @@ def test_chunk_bounds():
     assert list(fused.chunk_bounds([3, 3, 3, 10, 1], limit=6)) == [(0, 2), (2, 3), (3, 4), (4, 5)]
     assert list(fused.chunk_bounds([2, 2], limit=100)) == [(0, 2)]
     assert list(fused.chunk_bounds([], limit=1)) == []
+    # a second bound on the gradients' sizes
+    assert list(fused.chunk_bounds([1, 1, 1], limit=100, grad_sizes=[5, 5, 5], grad_limit=10)) == [(0, 2), (2, 3)]
+    assert list(fused.chunk_bounds([60, 1, 1], limit=60, grad_sizes=[1, 9, 1], grad_limit=10)) == [(0, 1), (1, 3)]
+
+
+def test_step_chunks_bound_the_gradients_on_the_cpu_only():
+    moments, grads = [1, 1, 1], [2**21, 2**21, 2**21]
+    assert list(fused.step_chunks(moments, grads, torch.device("cpu"))) == [(0, 2), (2, 3)]
+    assert list(fused.step_chunks(moments, grads, torch.device("cuda"))) == [(0, 3)]
+    big = [fused.CHUNK_ELEMENTS // 2 + 1] * 3
+    assert list(fused.step_chunks(big, [1, 1, 1], torch.device("cuda"))) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_chunking_does_not_change_the_update(monkeypatch):
@@ -125,6 +136,40 @@ def test_chunking_does_not_change_the_update(monkeypatch):
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 40)  # one or two matrices per chunk
     chunked, _, _ = _run(apollo.APOLLO, {"rank": 3}, torch.float32, True, steps=4)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
+@pytest.mark.parametrize("lowrank", [{"rank": 3}, {"rank": 1, "scale_type": "tensor", "scale": 128.0}])
+def test_cpu_gradient_chunks_do_not_change_the_update(monkeypatch, lowrank):
+    whole, _, _ = _run(apollo.APOLLO, lowrank, torch.float32, True, steps=4)
+    monkeypatch.setattr(fused, "CPU_CHUNK_GRAD_ELEMENTS", 250)  # one matrix per chunk (240 or 256 numbers)
+    chunked, _, _ = _run(apollo.APOLLO, lowrank, torch.float32, True, steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_a_weight_whose_first_gradient_comes_late_is_not_limited(fused_path):
+    """In one chunk, weight B takes its first step while A already has a limiter norm: B's first update is
+    not limited (l = 1), as on the plain path, whatever A's limiter does."""
+    generator = torch.Generator().manual_seed(3)
+    a, b = (torch.nn.Parameter(torch.randn(12, 8, generator=generator)) for _ in range(2))
+    optimizer = apollo.APOLLO([{"params": [a, b], "rank": 2}], lr=0.01, fused=fused_path)
+    a.grad = torch.randn(12, 8, generator=generator)
+    optimizer.step()  # B has no gradient yet
+    a_norm = optimizer.state[a]["limiter_norm"].clone()
+    b_before = b.detach().clone()
+    a.grad = 100 * torch.randn(12, 8, generator=generator)  # A's norm jumps: A is limited
+    b.grad = torch.randn(12, 8, generator=generator)
+    optimizer.step()
+    # B alone in a fresh optimizer, same seed position (second parameter of the group), first step
+    b_alone = torch.nn.Parameter(b_before.clone())
+    alone = apollo.APOLLO([{"params": [torch.nn.Parameter(torch.zeros(12, 8)), b_alone], "rank": 2}], lr=0.01,
+                          fused=fused_path)
+    b_alone.grad = b.grad.clone()
+    alone.step()
+    assert torch.equal(b.detach(), b_alone.detach())
+    assert torch.equal(optimizer.state[b]["limiter_norm"], alone.state[b_alone]["limiter_norm"])
+    # A was limited: its norm grew by gamma = 1.01 exactly, not by ~100
+    torch.testing.assert_close(optimizer.state[a]["limiter_norm"], 1.01 * a_norm, rtol=1e-6, atol=0)
 
 
 def test_fused_flag_reaches_the_optimizer_through_build_optimizer():
