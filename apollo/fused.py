@@ -229,8 +229,11 @@ def apollo_updates(
     directions = _low_rank_directions(projected, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=eps)
     factors, norms = _scaling(projected, directions, grad_norms, sides, shards, scale_type=scale_type)
     # The scalars of the whole chunk at once: step sizes, limiter, new limiter norms.
-    step_sizes = torch.tensor([-bias_corrected_step_size(lr, beta1, beta2, t) * sqrt_scale for t in steps],
-                              dtype=norms.dtype, device=norms.device)
+    sizes = [-bias_corrected_step_size(lr, beta1, beta2, t) * sqrt_scale for t in steps]
+    if all(size == sizes[0] for size in sizes):  # the usual case: a fill, no copy from the host (no sync on a GPU)
+        step_sizes = torch.full_like(norms, sizes[0])
+    else:  # weights that started at different steps
+        step_sizes = torch.tensor(sizes, dtype=norms.dtype, device=norms.device)
     new_norms: list[torch.Tensor | None] = [None] * len(weights)
     if limiter_gamma is not None:
         if scale_front:
@@ -246,7 +249,10 @@ def apollo_updates(
     if scale_type == "tensor":
         coefficients = (factors * step_sizes).unbind()
     else:
-        coefficients = [factor.to(norms.dtype) * size for factor, size in zip(factors, step_sizes.unbind())]
+        # in G's dtype: a float32 vector against bfloat16 G and W would take torch's slow mixed-dtype path
+        # (4x slower here); the plain path rounds the factor to G's dtype too
+        coefficients = [(factor.to(norms.dtype) * size).to(grad.dtype)
+                        for factor, size, grad in zip(factors, step_sizes.unbind(), grads)]
     for weight, grad, coefficient in zip(weights, grads, coefficients):
         weight.addcmul_(grad, coefficient)
         decay_weights(weight, lr, weight_decay)
