@@ -159,6 +159,7 @@ def _project_chunk(grads, projs, sides, shards, dtypes, *, grad_norms: str | Non
             norms.append(_frobenius_norm(grad))
         elif grad_norms == "channel":
             norms.append(_norms(grad, 1 if side == RIGHT else 0, torch.promote_types(grad.dtype, torch.float32)))
+        grad, proj = matmul_operands(grad, proj)
         if shard is not None and side == LEFT:
             projected.append((shard.rows_of(proj).T @ grad).to(dtype))
             partial.append(index)
@@ -166,6 +167,16 @@ def _project_chunk(grads, projs, sides, shards, dtypes, *, grad_norms: str | Non
             projected.append(project(grad, proj, side).to(dtype))
     _all_reduce_many([projected[i] for i in partial], [shards[i] for i in partial])
     return projected, (norms if grad_norms else None)
+
+
+def matmul_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operands of a projection matmul as the fused step multiplies them: on the CPU, half-precision
+    tensors in float32 (torch's bfloat16 CPU matmul takes a slow path on CPUs without bf16 matrix units:
+    128 ms against 1.2 ms in float32 for 1376 x 128 @ 128 x 512 here; its kernels accumulate in float32
+    anyway, so the product rounded to bf16 is the same number up to summation order); elsewhere unchanged."""
+    if tensors[0].device.type == "cpu" and tensors[0].dtype in (torch.bfloat16, torch.float16):
+        return tuple(t.float() for t in tensors)
+    return tensors
 
 
 def _frobenius_norm(x: torch.Tensor) -> torch.Tensor:
@@ -340,5 +351,6 @@ def galore_updates(
         alpha = -bias_corrected_step_size(lr, beta1, beta2, steps[i]) * scale
         if shard is not None and sides[i] == LEFT:
             proj = shard.rows_of(proj)
-        weight.add_(project_back(direction.to(weight.dtype), proj, sides[i]), alpha=alpha)
+        low_rank, proj = matmul_operands(direction.to(weight.dtype), proj)
+        weight.add_(project_back(low_rank, proj, sides[i]).to(weight.dtype), alpha=alpha)
         decay_weights(weight, lr, weight_decay)

@@ -2,6 +2,7 @@
 
     python benchmarks/optimizer_step.py --models 60m 130m --dtypes float32 bfloat16 --steps 20
     python benchmarks/optimizer_step.py --models 130m --dtypes bfloat16 --rows apollo apollo_mini
+    python benchmarks/optimizer_step.py --models 130m --dtypes float32 --rows apollo apollo_mini --cpu_chunk_elements 1048576
 
 For each model and dtype it builds the model's parameters (random values) with random gradients and
 prints a markdown table: median ms per step (>= --steps timed steps after warm-up, optimizers
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import apollo  # noqa: E402
+from apollo import fused  # noqa: E402
 from apollo.projection import projection_side, random_projection  # noqa: E402
 
 RANKS = {"60m": 128, "130m": 192, "350m": 256, "1b": 256}  # PROTOCOL.md recipe ranks
@@ -108,16 +110,17 @@ def projection_floor(model, rank: int, dtype: torch.dtype) -> dict[str, float]:
     sides = [projection_side(p.shape, "std") for p in low_rank["params"]]
     projections = [random_projection(i, p.shape, rank, s, dtype=dtype) for i, (p, s) in enumerate(zip(low_rank["params"], sides))]
 
-    def matmuls():
+    def matmuls():  # as the fused step multiplies (on the CPU, bfloat16 operands in float32: fused.matmul_operands)
         for p, s, proj in zip(low_rank["params"], sides, projections):
-            _ = p.grad @ proj.T if s == "right" else proj.T @ p.grad
+            grad, proj = fused.matmul_operands(p.grad, proj)
+            _ = grad @ proj.T if s == "right" else proj.T @ grad
 
     def draws():
         for i, (p, s) in enumerate(zip(low_rank["params"], sides)):
             random_projection(i, p.shape, rank, s, dtype=dtype)
 
-    fused = torch.optim.AdamW(regular["params"], lr=1e-3, fused=True)
-    return {"matmuls": matmuls, "draw P": draws, "fused adamw (regular)": fused.step}
+    regular_adamw = torch.optim.AdamW(regular["params"], lr=1e-3, fused=True)
+    return {"matmuls": matmuls, "draw P": draws, "fused adamw (regular)": regular_adamw.step}
 
 
 def time_rounds(callables: dict, steps: int, warmup: int) -> dict[str, list[float]]:
@@ -171,7 +174,7 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
         for p, s in zip(model.parameters(), snapshot):
             p.copy_(s)
 
-    fused = median_ms["torch adamw fused"]
+    fused_ms = median_ms["torch adamw fused"]
     foreach = median_ms["torch adamw foreach"]
     lines = [
         f"### LLaMA-{size}, {str(dtype).removeprefix('torch.')}, rank {rank} ({steps} timed steps, median)",
@@ -190,7 +193,7 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
         if name == "apollo regular group":  # its baseline is the fused kernel on the same (regular) tensors
             vs_floor = f"{ms / median_ms['fused adamw (regular)']:.2f} of fused on regular"
         refresh = f"{refresh_ms[name]:.1f}" if name in refresh_ms else "-"
-        lines.append(f"| {name} | {ms:.1f} | {refresh} | {state_mb(optimizer):.1f} | {ms / fused:.2f} | "
+        lines.append(f"| {name} | {ms:.1f} | {refresh} | {state_mb(optimizer):.1f} | {ms / fused_ms:.2f} | "
                      f"{ms / foreach:.2f} | {vs_floor} | {vs_published} |")
     return "\n".join(lines) + "\n"
 
@@ -205,7 +208,14 @@ def main() -> None:
                         help=f"optimizers to time (default: all of {', '.join(ROWS)}); torch's AdamW (foreach, fused) "
                              "and the published package of a chosen row are always timed with them")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu_chunk_elements", type=int, default=None,
+                        help="override apollo.fused.CPU_CHUNK_GRAD_ELEMENTS (gradient numbers per chunk on the CPU; "
+                             f"default {fused.CPU_CHUNK_GRAD_ELEMENTS}) to tune it to another CPU's cache")
     args = parser.parse_args()
+    if args.cpu_chunk_elements is not None:
+        if args.cpu_chunk_elements < 1:
+            parser.error("--cpu_chunk_elements must be >= 1")
+        fused.CPU_CHUNK_GRAD_ELEMENTS = args.cpu_chunk_elements
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     for size in args.models:

@@ -175,7 +175,8 @@ def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int
         # torch's fused AdamW kernel works in place; it needs the moments in the weight's dtype
         scratch = 0 if s == p and not quantized else n * (s + (p if s != p else 0))
     elif not quantized:
-        proj_held, proj_transient, held, held_without_r, update = _fused_low_rank_scratch(param, group, name=name, p=p)
+        phases = _fused_low_rank_scratch(param, group, name=name, p=p, device=device)
+        proj_held, proj_transient, held, held_without_r, update = phases
         scratch = max(proj_held + proj_transient, held, held_without_r + update)
     else:
         m, k = param.shape[0], min(param.shape)
@@ -190,14 +191,16 @@ def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int
     return scratch
 
 
-def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: int) -> tuple[int, int, int, int, int]:
+def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: int,
+                            device: str = "cuda") -> tuple[int, int, int, int, int]:
     """Bytes of one float weight in apollo's fused low-rank step (apollo/fused.py), by phase of its chunk:
 
     (P held, P transient) while the chunk's projections are made: a random P not stored (p |P|), drawn in
     float32 and cast (+ 4 |P|); an SVD P is state, its refresh takes 4 (n + m k + k n) (+ 4 n to cast);
     (held, held without R, transient) while the chunk is updated: P, R cast to the state dtype and the
     normalised direction (s |R| each); GaLore frees R before it back-projects one weight at a time
-    (p n, + p |R| to cast the direction).
+    (p n, + p |R| to cast the direction). On the CPU, half-precision matmuls run in float32
+    (fused.matmul_operands): the projection adds 4 (n + |P| + |R|), GaLore's back-projection 4 (|R| + |P| + n).
     """
     s = 4 if group.get("state_dtype") == "float32" else p
     side = projection_side(param.shape, group.get("proj_type", "std"))
@@ -209,16 +212,19 @@ def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: i
     proj_transient = (4 * (n + m * k + k * cols) + (4 * n if p != 4 else 0) if svd_kind
                       else (4 * p_size if p != 4 else 0))
     update_transient = p * n + (p * r_size if s != p else 0) if name == "galore" else 0
+    if device == "cpu" and p == 2:
+        proj_transient = max(proj_transient, 4 * (n + p_size + r_size))
+        update_transient += 4 * (r_size + p_size + n) if name == "galore" else 0
     return proj_held, proj_transient, proj_held + 2 * s * r_size, proj_held + s * r_size, update_transient
 
 
-def fused_step_scratch(group: dict, *, name: str, p: int) -> int:
+def fused_step_scratch(group: dict, *, name: str, p: int, device: str = "cuda") -> int:
     """The fused low-rank step's scratch for a param group: its largest chunk (fused.CHUNK_ELEMENTS moment
     numbers per chunk), at the larger of its two phases (`_fused_low_rank_scratch`)."""
     params = [q for q in group["params"] if not is_quantized(q)]
     if not params:
         return 0
-    terms = [_fused_low_rank_scratch(q, group, name=name, p=p) for q in params]
+    terms = [_fused_low_rank_scratch(q, group, name=name, p=p, device=device) for q in params]
     sizes = [math.prod(projected_shape(q.shape, group["rank"], projection_side(q.shape, group.get("proj_type", "std"))))
              for q in params]
     return max(max(sum(t[0] for t in terms[a:b]) + max(t[1] for t in terms[a:b]),
@@ -288,8 +294,8 @@ def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_lengt
             worst = max(per_param, key=lambda item: item[2])
             scratch = worst[2]
             notes["update scratch"] = f"temporaries of {worst[0]}'s update"
-            chunked = max((fused_step_scratch(g, name=name, p=p) for g in optimizer_on_meta.param_groups
-                           if g.get("rank") is not None), default=0)
+            chunked = max((fused_step_scratch(g, name=name, p=p, device=device)
+                           for g in optimizer_on_meta.param_groups if g.get("rank") is not None), default=0)
             if name != "adamw" and chunked > scratch:
                 scratch = chunked
                 notes["update scratch"] = "the fused low-rank step's largest chunk (P, R, direction)"

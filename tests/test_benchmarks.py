@@ -1,0 +1,49 @@
+"""The optimizer-step benchmarks run and time what they say (benchmarks/optimizer_step*.py)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import optimizer_step  # noqa: E402
+import optimizer_step_phases  # noqa: E402
+
+import apollo  # noqa: E402
+
+
+def test_rows_bring_their_baselines_and_published_counterparts():
+    rows = ["apollo_mini (plain path)"]
+    chosen = [name for name in ["torch adamw foreach", "torch adamw fused", "apollo", "apollo_mini (plain path)",
+                                "apollo-torch apollo", "apollo-torch apollo_mini", "galore-torch galore"]
+              if optimizer_step.selected(name, rows)]
+    assert chosen == ["torch adamw foreach", "torch adamw fused", "apollo_mini (plain path)", "apollo-torch apollo_mini"]
+
+
+def test_benchmark_table_for_one_row():
+    table = optimizer_step.benchmark("60m", torch.float32, steps=1, refresh_steps=1, rows=["apollo_mini"])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    assert {"torch adamw foreach", "torch adamw fused", "apollo_mini"} <= set(rows)
+    assert "apollo" not in rows and "galore" not in rows
+    # state MB: Mini keeps 2 moments of 1 x max(m, n) per matrix, AdamW two full-size ones
+    assert float(rows["apollo_mini"][3]) < 0.6 * float(rows["torch adamw fused"][3])
+    assert rows["torch adamw fused"][4] == "1.00"
+
+
+def test_phases_time_the_functions_of_the_fused_step():
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 32), torch.nn.LayerNorm(32))
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+    regular = [p for p in model.parameters() if p.ndim == 1]
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    optimizer = apollo.APOLLO([{"params": regular}, {"params": matrices, "rank": 4, "update_proj_gap": 10**9}], lr=1e-3)
+    phases = optimizer_step_phases.phase_ms(optimizer, steps=2)
+    # every wrapped function was reached (a renamed one would read 0)
+    for phase in ("draw P", "projection matmuls", "G's norms", "moments and direction", "scaling factors",
+                  "limiter, weight update, decay", "fused AdamW (regular)"):
+        assert phases[phase] > 0, phase
+    assert phases["step"] == pytest.approx(sum(v for k, v in phases.items() if k != "step"))
+    # the wrappers are removed afterwards
+    assert apollo.fused.project is apollo.projection.project
