@@ -53,8 +53,16 @@ def _worker(rank, init_file, name, steps, results):
             shard_opt.step()
         worst = max(((q.full_tensor() - p.detach()).norm() / (p.detach() - w).norm()).item()
                     for p, q, w in zip(whole, shards, weights))
+        # the plain path (fused=False) has no sharded update: it refuses DTensor parameters
+        plain = cls([{"params": shards[len(REGULAR_SHAPES):], **lowrank}], lr=0.02, fused=False)
+        try:
+            plain.step()
+            refusal = None
+        except ValueError as error:
+            refusal = str(error)
         # optimizer_state_bytes counts the shard this process holds of each DTensor state
-        results[rank] = (worst, apollo.optimizer_state_bytes(shard_opt), apollo.optimizer_state_bytes(whole_opt))
+        results[rank] = (worst, apollo.optimizer_state_bytes(shard_opt), apollo.optimizer_state_bytes(whole_opt),
+                         refusal)
     finally:
         dist.destroy_process_group()
 
@@ -68,9 +76,10 @@ def _run(tmp_path, name, steps=5):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_sharded_update_equals_the_whole_matrix_update(tmp_path, name):
     results = _run(tmp_path, name)
-    for rank, (worst, local_state, whole_state) in results.items():
+    for rank, (worst, local_state, whole_state, refusal) in results.items():
         assert worst < 1e-5, (name, rank, worst)  # relative to the total update of each weight
         assert local_state < whole_state
+        assert refusal is not None and "sharded (DTensor) parameters need the fused step" in refusal, refusal
 
 
 def test_row_local_state_is_split_across_ranks(tmp_path):
@@ -78,7 +87,7 @@ def test_row_local_state_is_split_across_ranks(tmp_path):
     (r x n) are replicated. Expected per-rank bytes, computed from the shapes."""
     results = _run(tmp_path, "apollo", steps=1)
     rank_rows = {0: lambda m: (m + 1) // 2, 1: lambda m: m - (m + 1) // 2}
-    for rank, (_, local_state, whole_state) in results.items():
+    for rank, (_, local_state, whole_state, _) in results.items():
         rows = rank_rows[rank]
         regular = 2 * 4 * (rows(7) + rows(9) * 4)
         low_rank = 2 * 4 * (rows(24) * 3 + 3 * 24 + rows(15) * 3 + rows(16) * 3)  # (10, 24) is left: replicated
