@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 import apollo
-from apollo.fused import chunk_bounds
+from apollo.fused import step_chunks
 from apollo.layerwise import LayerwiseOptimizer
 from apollo.projection import projected_shape, projection_shape, projection_side
 from apollo.quant import QuantLinear, is_quantized, quantize_model
@@ -219,8 +219,8 @@ def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: i
 
 
 def fused_step_scratch(group: dict, *, name: str, p: int, device: str = "cuda") -> int:
-    """The fused low-rank step's scratch for a param group: its largest chunk (fused.CHUNK_ELEMENTS moment
-    numbers per chunk), at the larger of its two phases (`_fused_low_rank_scratch`)."""
+    """The fused low-rank step's scratch for a param group: its largest chunk (`fused.step_chunks`: moment
+    numbers, and on the CPU gradient numbers too), at the larger of its two phases (`_fused_low_rank_scratch`)."""
     params = [q for q in group["params"] if not is_quantized(q)]
     if not params:
         return 0
@@ -230,7 +230,7 @@ def fused_step_scratch(group: dict, *, name: str, p: int, device: str = "cuda") 
     return max(max(sum(t[0] for t in terms[a:b]) + max(t[1] for t in terms[a:b]),
                    sum(t[2] for t in terms[a:b]),
                    sum(t[3] for t in terms[a:b]) + max(t[4] for t in terms[a:b]))
-               for a, b in chunk_bounds(sizes))
+               for a, b in step_chunks(sizes, [q.numel() for q in params], torch.device(device)))
 
 
 def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_length: int = 256, rank: int | None = None,
