@@ -200,7 +200,8 @@ def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: i
     (held, held without R, transient) while the chunk is updated: P, R cast to the state dtype and the
     normalised direction (s |R| each); GaLore frees R before it back-projects one weight at a time
     (p n, + p |R| to cast the direction). On the CPU, half-precision matmuls run in float32
-    (fused.matmul_operands): the projection adds 4 (n + |P| + |R|), GaLore's back-projection 4 (|R| + |P| + n).
+    (fused.matmul_operands): the projection adds 4 (n + |P| + |R|) (not at rank 1), GaLore's back-projection
+    4 (|R| + |P| + n).
     """
     s = 4 if group.get("state_dtype") == "float32" else p
     side = projection_side(param.shape, group.get("proj_type", "std"))
@@ -213,7 +214,8 @@ def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: i
                       else (4 * p_size if p != 4 else 0))
     update_transient = p * n + (p * r_size if s != p else 0) if name == "galore" else 0
     if device == "cpu" and p == 2:
-        proj_transient = max(proj_transient, 4 * (n + p_size + r_size))
+        if group["rank"] > 1:  # a rank-1 projection stays in half precision
+            proj_transient = max(proj_transient, 4 * (n + p_size + r_size))
         update_transient += 4 * (r_size + p_size + n) if name == "galore" else 0
     return proj_held, proj_transient, proj_held + 2 * s * r_size, proj_held + s * r_size, update_transient
 
