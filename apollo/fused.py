@@ -159,8 +159,7 @@ def _project_chunk(grads, projs, sides, shards, dtypes, *, grad_norms: str | Non
             norms.append(_frobenius_norm(grad))
         elif grad_norms == "channel":
             norms.append(_norms(grad, 1 if side == RIGHT else 0, torch.promote_types(grad.dtype, torch.float32)))
-        if min(proj.shape) > 1:  # a rank-1 projection is a matrix-vector product: torch's bf16 one is fast
-            grad, proj = matmul_operands(grad, proj)
+        grad, proj = projection_operands(grad, proj)
         if shard is not None and side == LEFT:
             projected.append((shard.rows_of(proj).T @ grad).to(dtype))
             partial.append(index)
@@ -174,12 +173,17 @@ def matmul_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The operands of a projection matmul as the fused step multiplies them: on the CPU, half-precision
     tensors in float32 (torch's bfloat16 CPU matmul takes a slow path on CPUs without bf16 matrix units:
     128 ms against 1.2 ms in float32 for 1376 x 128 @ 128 x 512 here; its kernels accumulate in float32
-    anyway, so the product rounded to bf16 is the same number up to summation order); elsewhere unchanged.
-    Rank-1 projections skip it: bf16 matrix-vector products are not slow (11 ms against 32 ms for the upcast
-    and the float32 product over 130M's matrices)."""
+    anyway, so the product rounded to bf16 is the same number up to summation order); elsewhere unchanged."""
     if tensors[0].device.type == "cpu" and tensors[0].dtype in (torch.bfloat16, torch.float16):
         return tuple(t.float() for t in tensors)
     return tensors
+
+
+def projection_operands(grad: torch.Tensor, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """G and P as the projection R = project(G) multiplies them: `matmul_operands`, except at rank 1, where
+    the product is a matrix-vector one and torch's bf16 kernel for it is fast (11 ms against 32 ms for the
+    upcast and the float32 product over 130M's matrices here)."""
+    return (grad, proj) if min(proj.shape) == 1 else matmul_operands(grad, proj)
 
 
 def _frobenius_norm(x: torch.Tensor) -> torch.Tensor:

@@ -110,9 +110,9 @@ def projection_floor(model, rank: int, dtype: torch.dtype) -> dict[str, float]:
     sides = [projection_side(p.shape, "std") for p in low_rank["params"]]
     projections = [random_projection(i, p.shape, rank, s, dtype=dtype) for i, (p, s) in enumerate(zip(low_rank["params"], sides))]
 
-    def matmuls():  # as the fused step multiplies (on the CPU, bfloat16 operands in float32: fused.matmul_operands)
+    def matmuls():  # as the fused step multiplies them (fused.projection_operands: bf16 in float32 on the CPU)
         for p, s, proj in zip(low_rank["params"], sides, projections):
-            grad, proj = fused.matmul_operands(p.grad, proj)
+            grad, proj = fused.projection_operands(p.grad, proj)
             _ = grad @ proj.T if s == "right" else proj.T @ grad
 
     def draws():

@@ -39,14 +39,14 @@ TIMED = [
 ]
 
 
-def _timed(function, seconds: dict, key: str):
+def _timed(function, seconds: dict, name: str):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return function(*args, **kwargs)
         finally:
-            seconds[key] += time.perf_counter() - start
+            seconds[name] += time.perf_counter() - start
     return wrapper
 
 
@@ -55,7 +55,7 @@ def phase_ms(optimizer, steps: int) -> dict[str, float]:
     seconds: dict[str, float] = collections.defaultdict(float)
     originals = [(module, name, getattr(module, name)) for module, name in TIMED]
     for module, name, original in originals:
-        setattr(module, name, _timed(original, seconds, f"{module.__name__}.{name}"))
+        setattr(module, name, _timed(original, seconds, name))
     try:
         optimizer.step()  # warm-up (and the first, refreshing, step)
         seconds.clear()
@@ -66,7 +66,7 @@ def phase_ms(optimizer, steps: int) -> dict[str, float]:
     finally:
         for module, name, original in originals:
             setattr(module, name, original)
-    inclusive = {key.rsplit(".", 1)[1]: value * 1e3 / steps for key, value in seconds.items()}
+    inclusive = {name: value * 1e3 / steps for name, value in seconds.items()}
     get = lambda name: inclusive.get(name, 0.0)  # noqa: E731
     exclusive = {
         "draw P": get("random_projection"),

@@ -47,3 +47,12 @@ def test_phases_time_the_functions_of_the_fused_step():
     assert phases["step"] == pytest.approx(sum(v for k, v in phases.items() if k != "step"))
     # the wrappers are removed afterwards
     assert apollo.fused.project is apollo.projection.project
+
+
+def test_a_chunk_size_below_one_is_refused_before_any_work(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["optimizer_step.py", "--models", "60m", "--cpu_chunk_elements", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        optimizer_step.main()
+    assert exit_info.value.code == 2
+    assert "--cpu_chunk_elements must be >= 1" in capsys.readouterr().err
+    assert apollo.fused.CPU_CHUNK_GRAD_ELEMENTS == 2**22  # untouched

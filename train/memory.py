@@ -214,7 +214,7 @@ def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: i
                       else (4 * p_size if p != 4 else 0))
     update_transient = p * n + (p * r_size if s != p else 0) if name == "galore" else 0
     if device == "cpu" and p == 2:
-        if group["rank"] > 1:  # a rank-1 projection stays in half precision
+        if group["rank"] > 1:  # a rank-1 projection stays in half precision (fused.projection_operands)
             proj_transient = max(proj_transient, 4 * (n + p_size + r_size))
         update_transient += 4 * (r_size + p_size + n) if name == "galore" else 0
     return proj_held, proj_transient, proj_held + 2 * s * r_size, proj_held + s * r_size, update_transient
