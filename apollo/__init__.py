@@ -7,15 +7,8 @@ or, with explicit groups: `apollo.APOLLO(apollo.param_groups(model, rank=128), l
 int8 weights: `apollo.quantize_model(model)` before building the optimizer; per-parameter updates
 during backward: `apollo.LayerwiseOptimizer(model, "apollo_mini", lr=0.01)`.
 """
-from .factory import (
-    ALIASES,
-    OPTIMIZER_NAMES,
-    PRESETS,
-    build_optimizer,
-    canonical_name,
-    optimizer_state_bytes,
-    param_groups,
-)
+from .factory import PRESETS, optimizer_state_bytes, param_groups
+from .registry import ALIASES, REGISTRY, OptimizerEntry, build_optimizer, canonical_name, optimizer_names, register
 from .layerwise import LayerwiseOptimizer, check_layerwise
 from .optimizer import APOLLO, GaLore
 from .quant import QuantLinear, all_reduce_quantized_grads, quantize_model
@@ -26,13 +19,16 @@ __all__ = [
     "LayerwiseOptimizer",
     "QuantLinear",
     "ALIASES",
-    "OPTIMIZER_NAMES",
+    "OptimizerEntry",
+    "REGISTRY",
     "PRESETS",
     "all_reduce_quantized_grads",
     "build_optimizer",
     "canonical_name",
     "check_layerwise",
+    "optimizer_names",
     "optimizer_state_bytes",
     "param_groups",
     "quantize_model",
+    "register",
 ]

@@ -1,7 +1,8 @@
-"""From a model and an optimizer name to an optimizer: presets, parameter groups, state accounting.
+"""The APOLLO family's side of the registry: presets, parameter groups, builders, state accounting.
 
-`build_optimizer` is the one door the training harness (or a Hugging Face `Trainer(optimizers=...)`
-user) goes through; `param_groups` is the one function that decides which weights are low-rank.
+`param_groups` is the one function that decides which weights are low-rank (APOLLO, GaLore, Fira);
+`build_low_rank` and `build_adamw` are the builders `apollo.registry` registers for them;
+`optimizer_state_bytes` counts what any optimizer holds.
 """
 from __future__ import annotations
 
@@ -16,9 +17,6 @@ from .quant import QuantLinear, is_quantized
 from .sharded import local
 
 logger = logging.getLogger(__name__)
-
-OPTIMIZER_NAMES = ("adamw", "apollo", "apollo_mini", "apollo_svd", "galore")
-ALIASES = {"apollo_adamw": "apollo", "galore_adamw": "galore"}
 
 #: Low-rank settings of each named optimizer. rank=None means "a quarter of the model's hidden size".
 PRESETS: dict[str, dict[str, Any]] = {
@@ -35,16 +33,6 @@ _LOWRANK_KEYS = {
                "norm_growth_limiter", "norm_growth_gamma", "target_modules"},
     "galore": {"rank", "update_proj_gap", "proj_type", "scale", "target_modules"},
 }
-
-
-def canonical_name(name: str) -> str:
-    """'apollo_adamw' -> 'apollo', 'galore_adamw' -> 'galore'; ValueError for an unknown name."""
-    key = name.lower()
-    key = ALIASES.get(key, key)
-    if key not in OPTIMIZER_NAMES:
-        known = ", ".join(OPTIMIZER_NAMES + tuple(ALIASES))
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {known}")
-    return key
 
 
 def param_groups(
@@ -93,37 +81,42 @@ def _default_rank(model: nn.Module) -> int:
     return max(1, hidden // 4)
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any) -> torch.optim.Optimizer:
-    """Build a named optimizer over `model`'s parameters.
+def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any) -> torch.optim.Optimizer:
+    """`torch.optim.AdamW` over all parameters, torch's defaults (eps 1e-8) unless betas/eps are given.
 
-    name: adamw | apollo | apollo_mini | apollo_svd | galore (aliases apollo_adamw, galore_adamw).
-    options (None means "the preset's value"): betas, eps, state_dtype, store_projection, and for the
-    low-rank optimizers rank, update_proj_gap, proj_type, scale, target_modules; APOLLO variants also
-    proj, scale_type, scale_front, norm_growth_limiter, norm_growth_gamma. `scale` is APOLLO's c
-    (update multiplied by sqrt(c)) or GaLore's `galore_scale`. `adamw` is `torch.optim.AdamW` over all
-    parameters with torch's defaults (eps 1e-8) unless betas/eps are given.
+    On CUDA the fused kernel (torch's fastest AdamW there), elsewhere torch's own default path, so that
+    every ratio to this baseline is against the best AdamW of the device.
     """
-    key = canonical_name(name)
-    options = {k: v for k, v in options.items() if v is not None}
-    family = "galore" if key == "galore" else "apollo" if key != "adamw" else "adamw"
-    allowed = _OPTIMIZER_KEYS | _LOWRANK_KEYS.get(family, set())
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"optimizer {key!r} does not take option(s) {', '.join(unknown)}")
-    optimizer_kwargs = {k: options.pop(k) for k in list(options) if k in _OPTIMIZER_KEYS}
-    if key == "adamw":
-        if any(is_quantized(p) for p in model.parameters()):
-            raise ValueError("torch.optim.AdamW cannot update int8 weights (--weight_quant); "
-                             "choose apollo, apollo_mini, apollo_svd or galore")
-        adamw_kwargs = {k: v for k, v in optimizer_kwargs.items() if k in ("betas", "eps")}
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **adamw_kwargs)
+    if any(is_quantized(p) for p in model.parameters()):
+        raise ValueError("torch.optim.AdamW cannot update int8 weights (--weight_quant); "
+                         "choose apollo, apollo_mini, apollo_svd, galore or fira")
+    kwargs = {k: v for k, v in options.items() if k in ("betas", "eps")}
+    params = [p for p in model.parameters()]
+    if params and all(p.device.type == "cuda" for p in params):
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
-    lowrank = {**PRESETS[key], **options}
+
+ADAMW_OPTIONS = frozenset({"betas", "eps", "state_dtype"})
+LOWRANK_OPTIONS = {key: frozenset(_OPTIMIZER_KEYS | keys) for key, keys in _LOWRANK_KEYS.items()}
+
+
+def build_low_rank(preset: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
+                   **options: Any) -> torch.optim.Optimizer:
+    """APOLLO (apollo, apollo_mini, apollo_svd) or GaLore (galore) with `preset`'s settings under `options`.
+
+    options (None means "the preset's value"): betas, eps, state_dtype, store_projection, fused, and
+    rank, update_proj_gap, proj_type, scale, target_modules; APOLLO variants also proj, scale_type,
+    scale_front, norm_growth_limiter, norm_growth_gamma. `scale` is APOLLO's c (update multiplied by
+    sqrt(c)) or GaLore's `galore_scale`.
+    """
+    optimizer_kwargs = {k: options.pop(k) for k in list(options) if k in _OPTIMIZER_KEYS}
+    lowrank = {**PRESETS[preset], **options}
     if lowrank["rank"] is None:
         lowrank["rank"] = _default_rank(model)
     target_modules = tuple(lowrank.pop("target_modules", ("attn", "mlp")))
     groups = param_groups(model, target_modules, **lowrank)
-    optimizer_class = GaLore if family == "galore" else APOLLO
+    optimizer_class = GaLore if preset == "galore" else APOLLO
     return optimizer_class(groups, lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import quant
-from .factory import build_optimizer
+from .registry import build_optimizer
 
 
 def check_layerwise(*, gradient_accumulation: int = 1, grad_clipping: float = 0.0, world_size: int = 1,

@@ -25,6 +25,8 @@ import torch
 import apollo
 from apollo.layerwise import check_layerwise
 from apollo.quant import SUPPORTED_BITS
+from train import optimizer_flags
+from train.optimizer_flags import optimizer_options  # noqa: F401  (re-exported: the trainer's options for the registry)
 
 
 class ConfigError(ValueError):
@@ -76,11 +78,15 @@ class TrainConfig:
     min_lr_ratio: float = option(0.1, "final lr as a fraction of the peak, in [0, 1]")
 
     # -- optimizer -------------------------------------------------------------------------------
-    optimizer: str = option("adamw", "adamw | apollo | apollo_mini | apollo_svd | galore (aliases apollo_adamw, galore_adamw)")
+    optimizer: str = option("adamw", "one of apollo.optimizer_names(): adamw | apollo | apollo_mini | apollo_svd | galore | "
+                                     "fira | scale | muon | adam_mini | soap | adamw8bit (aliases apollo_adamw, galore_adamw, "
+                                     "fira_adamw, scale_sgd)")
     weight_decay: float = option(0.0, "decoupled weight decay")
-    beta1: float = option(0.9, "first-moment decay, passed to every optimizer")
-    beta2: float = option(0.999, "second-moment decay, passed to every optimizer")
-    eps: Optional[float] = option(None, "epsilon of the second moment (default: the optimizer's; 1e-6 APOLLO/GaLore, 1e-8 AdamW)")
+    beta1: Optional[float] = option(None, "first-moment decay, passed to every optimizer (default: the optimizer's; 0.9, SOAP 0.95)")
+    beta2: Optional[float] = option(None, "second-moment decay, passed to every optimizer (default: the optimizer's; 0.999, "
+                                          "SOAP 0.95)")
+    eps: Optional[float] = option(None, "epsilon of the second moment (default: the optimizer's; 1e-6 APOLLO/GaLore/Fira, "
+                                        "1e-8 AdamW and the others)")
     grad_clipping: float = option(0.0, "clip the global gradient norm to this value; 0 turns clipping off")
     rank: Optional[int] = option(None, "projection rank of low-rank optimizers (default: the preset's; hidden/4, Mini 1)")
     update_proj_gap: Optional[int] = option(None, "updates between projection refreshes, T (default 200)")
@@ -90,9 +96,26 @@ class TrainConfig:
     apollo_scale: Optional[float] = option(None, "APOLLO scale c; the update is multiplied by sqrt(c) (default: the preset's, 1 or Mini 128)")
     galore_scale: Optional[float] = option(None, "GaLore update scale (default 0.25)")
     scale_front: bool = option(False, "APOLLO: apply sqrt(scale) before the norm-growth limiter")
+    fira_alpha: Optional[float] = option(None, "Fira: scale alpha of the low-rank update and its residual (default 0.25; "
+                                               "0.0625 published at 1B/7B)")
+    fira_paper_form: bool = option(False, "Fira: the paper's residual phi (I - PP^T) G with alpha on both terms "
+                                          "(default: the published code's phi (G - alpha PR))")
+    adam_lr: Optional[float] = option(None, "peak lr of the AdamW part: SCALE's norms (default 0.02, published 60M-350M; "
+                                            "1e-3 at 1B/7B), Muon's embeddings/lm_head/norms (default --lr)")
+    scale_momentum: Optional[float] = option(None, "SCALE: momentum of the lm_head (default 0.9)")
+    scale_norm: Optional[str] = option(None, "SCALE: normalise rows/columns by their rms (default, the published code) or "
+                                             "by their L2 norm (the paper's text)", choices=("rms", "l2"))
+    muon_momentum: Optional[float] = option(None, "Muon: momentum (default 0.95)")
+    muon_no_nesterov: bool = option(False, "Muon: plain momentum instead of Nesterov's")
+    muon_adjust_lr: Optional[str] = option(None, "Muon: lr adjustment to the matrix shape (default original)",
+                                           choices=("original", "match_rms_adamw"))
+    soap_precondition_frequency: Optional[int] = option(None, "SOAP: updates between eigenbasis refreshes, f (default 10)")
+    soap_max_precond_dim: Optional[int] = option(None, "SOAP: a side longer than this is not rotated (default 10000)")
+    soap_shampoo_beta: Optional[float] = option(None, "SOAP: decay of the preconditioner statistics (default: beta2)")
     state_dtype: Optional[str] = option(
-        None, "optimizer-state dtype: float32, or param (follow the weights); default float32 for APOLLO/GaLore, "
-              "param for adamw (torch.optim.AdamW keeps states in the parameter dtype)", choices=("float32", "param"))
+        None, "optimizer-state dtype: float32, or param (follow the weights); default float32 where the optimizer can keep "
+              "float32 states of bfloat16 weights, else param (torch's AdamW and Muon, bitsandbytes)",
+        choices=("float32", "param"))
 
     # -- precision and memory --------------------------------------------------------------------
     dtype: Optional[str] = option(None, "dtype of the whole model (default bfloat16 on GPUs that support it, else float32)",
@@ -138,20 +161,8 @@ class TrainConfig:
 
 
 _POSITIVE_INTS = ("max_length", "num_training_steps", "eval_every", "save_every", "eval_tokens", "log_every",
-                  "batch_size", "gradient_accumulation", "total_batch_size", "eval_batch_size", "rank", "update_proj_gap")
-_LOWRANK_FLAGS = ("rank", "update_proj_gap", "proj", "proj_type", "scale_type", "apollo_scale", "galore_scale", "scale_front")
-_ACCEPTED_FLAGS = {  # low-rank flags each optimizer family uses; the others are ignored with a warning
-    "adamw": (),
-    "galore": ("rank", "update_proj_gap", "proj_type", "galore_scale"),
-    "apollo": ("rank", "update_proj_gap", "proj", "proj_type", "scale_type", "apollo_scale", "scale_front"),
-}
-
-
-def family(optimizer: str) -> str:
-    """'adamw', 'galore' or 'apollo' (every APOLLO variant) for a canonical optimizer name."""
-    return optimizer if optimizer in ("adamw", "galore") else "apollo"
-
-
+                  "batch_size", "gradient_accumulation", "total_batch_size", "eval_batch_size", "rank", "update_proj_gap",
+                  "soap_precondition_frequency", "soap_max_precond_dim")
 class _Parser(argparse.ArgumentParser):
     """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
 
@@ -209,10 +220,6 @@ def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list
     _check_range(c.weight_decay, "weight_decay", low=0.0)
     _check_range(c.grad_clipping, "grad_clipping", low=0.0, note="(0 turns clipping off)")
     _check_range(c.min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0)
-    for name in ("beta1", "beta2"):
-        value = getattr(c, name)
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"--{name} must be in [0, 1), got {value}")
     for name in ("eps", "apollo_scale", "galore_scale"):
         value = getattr(c, name)
         if value is not None and not value > 0:
@@ -281,15 +288,32 @@ def _resolve_batch(c: TrainConfig, world_size: int) -> None:
 
 
 def _resolve_optimizer_flags(c: TrainConfig) -> list[str]:
-    """Warn about low-rank flags the chosen optimizer ignores; settle the optimizer-state dtype."""
-    kind = family(c.optimizer)
+    """Refuse optimizer flags the chosen optimizer does not take; settle betas and the optimizer-state dtype."""
     defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
-    warnings = [f"--{name} is ignored by --optimizer {c.optimizer}" for name in _LOWRANK_FLAGS
-                if getattr(c, name) != defaults[name] and name not in _ACCEPTED_FLAGS[kind]]
+    refused = optimizer_flags.refused_flags(c, defaults)
+    if refused:
+        raise ConfigError(refused[0])
+    betas = optimizer_flags.default_betas(c.optimizer)
+    c.beta1 = betas[0] if c.beta1 is None else c.beta1
+    c.beta2 = betas[1] if c.beta2 is None else c.beta2
+    for name in ("beta1", "beta2"):
+        value = getattr(c, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {value}")
+    for name in ("fira_alpha", "adam_lr", "soap_shampoo_beta"):
+        value = getattr(c, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name} must be > 0, got {value}")
+    for name in ("scale_momentum", "muon_momentum", "soap_shampoo_beta"):
+        value = getattr(c, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {value}")
+    warnings = []
+    param_only = c.optimizer in optimizer_flags.PARAM_DTYPE_STATES
     if c.state_dtype is None:
-        c.state_dtype = "param" if kind == "adamw" else "float32"
-    elif c.state_dtype == "float32" and kind == "adamw" and c.dtype != "float32":
-        warnings.append(f"--state_dtype float32 is ignored by adamw: torch.optim.AdamW keeps its states in {c.dtype}")
+        c.state_dtype = "param" if param_only else "float32"
+    elif c.state_dtype == "float32" and param_only and c.dtype != "float32":
+        warnings.append(f"--state_dtype float32 is ignored by {c.optimizer}: its states follow the weights ({c.dtype})")
         c.state_dtype = "param"
     return warnings
 
@@ -300,9 +324,9 @@ def _resolve_memory_modes(c: TrainConfig, world_size: int) -> list[str]:
         raise ConfigError(f"--weight_group_size must be a positive integer, got {c.weight_group_size}")
     if c.weight_bits not in SUPPORTED_BITS:
         raise ConfigError(f"--weight_bits must be 8 (only 8-bit weights are supported), got {c.weight_bits}")
-    if c.weight_quant and family(c.optimizer) == "adamw":
-        raise ConfigError("--weight_quant needs a low-rank optimizer (torch.optim.AdamW cannot update int8 weights): "
-                          "choose --optimizer apollo, apollo_mini, apollo_svd or galore")
+    refusal = optimizer_flags.check_modes(c)
+    if refusal:
+        raise ConfigError(refusal)
     if c.fsdp_mixed_precision and not c.fsdp:
         raise ConfigError("--fsdp_mixed_precision needs --fsdp")
     if c.fsdp:
@@ -315,7 +339,7 @@ def _resolve_memory_modes(c: TrainConfig, world_size: int) -> list[str]:
         if c.fsdp_mixed_precision and c.dtype != "float32":
             raise ConfigError(f"--fsdp_mixed_precision keeps float32 weights and computes in bfloat16: "
                               f"use --dtype float32, not {c.dtype}")
-        if family(c.optimizer) != "adamw" and c.state_dtype == "float32" and c.dtype != "float32":
+        if c.optimizer not in optimizer_flags.PARAM_DTYPE_STATES and c.state_dtype == "float32" and c.dtype != "float32":
             raise ConfigError(f"--fsdp with {c.optimizer} needs the optimizer state in the weights' dtype: "
                               "use --dtype float32 (with --fsdp_mixed_precision for bfloat16 compute) "
                               "or --state_dtype param")
@@ -330,15 +354,3 @@ def _resolve_memory_modes(c: TrainConfig, world_size: int) -> list[str]:
     defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
     return [f"--{name} is ignored without --weight_quant" for name in ("weight_bits", "weight_group_size", "stochastic_round")
             if getattr(c, name) != defaults[name]]
-
-
-def optimizer_options(c: TrainConfig) -> dict[str, Any]:
-    """Keyword options for apollo.build_optimizer: betas always, the rest only where the user set them."""
-    kind = family(c.optimizer)
-    options: dict[str, Any] = {"betas": (c.beta1, c.beta2), "eps": c.eps}
-    if kind != "adamw":
-        options["state_dtype"] = "float32" if c.state_dtype == "float32" else None
-        for name in _ACCEPTED_FLAGS[kind]:
-            key = "scale" if name in ("apollo_scale", "galore_scale") else name
-            options[key] = getattr(c, name) or None  # scale_front False -> preset default
-    return {key: value for key, value in options.items() if value is not None}

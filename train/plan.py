@@ -6,24 +6,27 @@ estimate of train/memory.py for one process, with those modes.
 """
 from __future__ import annotations
 
-import apollo
-from train.config import TrainConfig, family, optimizer_options
+from train.build import build_optimizer
+from train.config import TrainConfig
 from train.memory import GB, estimate
 from train.model import build_model, parameter_counts
 
 
+_GROUP_SETTINGS = ("rank", "proj", "proj_type", "update_proj_gap", "scale", "scale_type", "scale_front", "alpha",
+                   "paper_form", "rule", "block", "kind", "momentum", "nesterov", "norm", "precondition_frequency")
+
+
 def _optimizer_summary(config: TrainConfig, model) -> str:
-    """The optimizer and the low-rank settings it resolves to (presets filled in)."""
-    if config.optimizer == "adamw":
-        return f"adamw (torch.optim.AdamW), lr {config.lr:g}, betas ({config.beta1}, {config.beta2})"
-    options = optimizer_options(config)
-    optimizer = apollo.build_optimizer(config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, **options)
-    low = optimizer.param_groups[1]
-    fields = [f"rank {low['rank']}", f"proj {low.get('proj', 'svd')}/{low['proj_type']}", f"T {low['update_proj_gap']}",
-              f"scale {low['scale']:g}"]
-    if family(config.optimizer) == "apollo":
-        fields += [f"scale_type {low['scale_type']}", f"scale_front {low['scale_front']}"]
-    return f"{config.optimizer}: {', '.join(fields)}; lr {config.lr:g}, states {config.state_dtype}"
+    """The optimizer, its param groups (tensors, lr) and the settings each group resolves to (presets filled in)."""
+    optimizer = build_optimizer(model, config)
+    groups = []
+    for index, group in enumerate(optimizer.param_groups):
+        settings = [f"{key} {group[key]:g}" if isinstance(group[key], float) else f"{key} {group[key]}"
+                    for key in _GROUP_SETTINGS if key in group and group[key] is not None]
+        groups.append(f"{group.get('name', index)}: {len(group['params'])} tensors, lr {group['lr']:g}"
+                      + (f", {', '.join(settings)}" if settings else ""))
+    betas = f"betas ({config.beta1}, {config.beta2})"
+    return f"{config.optimizer} ({type(optimizer).__name__}), {betas}, states {config.state_dtype}; " + "; ".join(groups)
 
 
 def _memory_modes(config: TrainConfig) -> str:

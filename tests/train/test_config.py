@@ -55,16 +55,50 @@ def test_optimizer_options_pass_only_what_was_set(flags, expected):
     assert optimizer_options(config) == expected
 
 
-@pytest.mark.parametrize("flags, warning", [
-    ("--optimizer adamw --rank 128", "--rank is ignored by --optimizer adamw"),
-    ("--optimizer adamw --scale_front", "--scale_front is ignored by --optimizer adamw"),
-    ("--optimizer apollo --galore_scale 0.25", "--galore_scale is ignored by --optimizer apollo"),
-    ("--optimizer galore --apollo_scale 2", "--apollo_scale is ignored by --optimizer galore"),
-    ("--optimizer adamw --dtype bfloat16 --state_dtype float32", "--state_dtype float32 is ignored by adamw"),
+@pytest.mark.parametrize("flags, error", [
+    ("--optimizer adamw --rank 128", "--rank does not apply to --optimizer adamw (it is used by apollo, apollo_mini, "
+                                     "apollo_svd, galore, fira)"),
+    ("--optimizer adamw --scale_front", "--scale_front does not apply to --optimizer adamw"),
+    ("--optimizer apollo --galore_scale 0.25", "--galore_scale does not apply to --optimizer apollo (it is used by galore)"),
+    ("--optimizer galore --apollo_scale 2", "--apollo_scale does not apply to --optimizer galore"),
+    ("--optimizer apollo --fira_alpha 0.5", "--fira_alpha does not apply to --optimizer apollo (it is used by fira)"),
+    ("--optimizer adamw --adam_lr 0.01", "--adam_lr does not apply to --optimizer adamw (it is used by scale, muon)"),
+    ("--optimizer scale --muon_no_nesterov", "--muon_no_nesterov does not apply to --optimizer scale (it is used by muon)"),
+    ("--optimizer muon --soap_precondition_frequency 5", "--soap_precondition_frequency does not apply to --optimizer muon"),
 ])
-def test_flags_the_optimizer_ignores_warn(flags, warning):
-    _, warnings = resolved(["--batch_size", "1", "--warmup_steps", "0", *flags.split()])
-    assert warnings == [warning] or warning in warnings[0]
+def test_flags_the_optimizer_does_not_take_are_refused(flags, error):
+    with pytest.raises(ConfigError) as raised:
+        resolved(["--batch_size", "1", "--warmup_steps", "0", *flags.split()])
+    assert str(raised.value).startswith(error)
+
+
+def test_state_dtype_float32_is_ignored_by_adamw_with_a_warning():
+    config, warnings = resolved(["--batch_size", "1", "--warmup_steps", "0", "--optimizer", "adamw", "--dtype", "bfloat16",
+                                 "--state_dtype", "float32"])
+    assert warnings == ["--state_dtype float32 is ignored by adamw: its states follow the weights (bfloat16)"]
+    assert config.state_dtype == "param"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("--optimizer fira --fira_alpha 0.0625 --fira_paper_form --rank 8", {"alpha": 0.0625, "paper_form": True, "rank": 8}),
+    ("--optimizer scale --adam_lr 0.001 --scale_momentum 0.8 --scale_norm l2", {"adam_lr": 0.001, "momentum": 0.8,
+                                                                               "norm": "l2"}),
+    ("--optimizer muon --adam_lr 0.002 --muon_momentum 0.9 --muon_no_nesterov --muon_adjust_lr match_rms_adamw",
+     {"adam_lr": 0.002, "momentum": 0.9, "nesterov": False, "adjust_lr_fn": "match_rms_adamw"}),
+    ("--optimizer soap --soap_precondition_frequency 5 --soap_max_precond_dim 512 --soap_shampoo_beta 0.9",
+     {"precondition_frequency": 5, "max_precond_dim": 512, "shampoo_beta": 0.9}),
+])
+def test_peer_flags_reach_their_options(flags, expected):
+    config, _ = resolved(["--batch_size", "1", "--warmup_steps", "0", *flags.split()])
+    options = optimizer_options(config)
+    assert {key: options[key] for key in expected} == expected
+
+
+def test_soap_takes_its_own_betas_unless_given():
+    config, _ = resolved(["--batch_size", "1", "--warmup_steps", "0", "--optimizer", "soap"])
+    assert (config.beta1, config.beta2) == (0.95, 0.95)
+    config, _ = resolved(["--batch_size", "1", "--warmup_steps", "0", "--optimizer", "soap", "--beta2", "0.99"])
+    assert (config.beta1, config.beta2) == (0.95, 0.99)
 
 
 @pytest.mark.parametrize("batch, accum, total, world, expected", [
@@ -197,11 +231,14 @@ def test_cli_wants_a_wandb_login_for_online_mode(cli_args, tmp_path, capsys, mon
     assert err.startswith("error: --wandb online needs a W&B login") and len(err.strip().splitlines()) == 1, err
 
 
-def test_cli_warns_about_ignored_flags_and_goes_on(cli_args, capsys, monkeypatch):
+def test_cli_refuses_a_flag_the_optimizer_does_not_take(cli_args, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr("train.loop.train", lambda config, ctx, tokenizer: 0)
-    argv = [item for pair in {**cli_args, "--rank": "8"}.items() for item in pair]
-    assert cli.main(argv) == 0
-    assert capsys.readouterr().err.strip() == "warning: --rank is ignored by --optimizer adamw"
+    run_dir = tmp_path / "never-created"
+    argv = [item for pair in {**cli_args, "--rank": "8", "--save_dir": str(run_dir)}.items() for item in pair]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --rank does not apply to --optimizer adamw") and len(err.splitlines()) == 1
+    assert not run_dir.exists()
 
 
 def test_fsdp_needs_several_processes():
