@@ -1,0 +1,381 @@
+r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner (arXiv 2409.11321), from PEERS.md's math.
+
+`SOAP` is the optimizer; `build(model, lr, weight_decay, **options)` routes a model's parameters into it
+(every 2-D weight rotated, everything else plain Adam). The math is in the pure functions below
+(`eigenbasis`, `refresh_basis`, `rotate`, `unrotate`, `soap_matrix_step`); `SOAP.step` does the bookkeeping.
+"""
+from __future__ import annotations
+
+import logging
+from itertools import chain
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from . import functional as F
+from . import quant, sharded
+
+logger = logging.getLogger(__name__)
+
+#: The option keys `build` accepts (every one has a default in `SOAP.__init__`).
+OPTIONS = frozenset({"betas", "eps", "shampoo_beta", "precondition_frequency", "max_precond_dim", "state_dtype"})
+
+STATE_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
+
+
+def _state_dtype_name(state_dtype: torch.dtype | str | None) -> str | None:
+    if isinstance(state_dtype, torch.dtype):
+        state_dtype = str(state_dtype).removeprefix("torch.")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"SOAP: state_dtype must be None (follow the parameter) or one of "
+                         f"{', '.join(k for k in STATE_DTYPES if k)}, got {state_dtype!r}")
+    return state_dtype
+
+
+# ----------------------------------------------------------------------------------------- the math
+def eigenbasis(mat: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of the symmetric `mat` as columns, in descending order of eigenvalue
+    (``torch.linalg.eigh``'s ascending order reversed). On the meta device: an empty matrix of the shape."""
+    if mat.device.type == "meta":
+        return torch.empty_like(mat)
+    return torch.linalg.eigh(mat).eigenvectors.flip(-1)
+
+
+def refresh_basis(mat: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One power-iteration step with QR: returns (Q', order).
+
+    e = diag(Qᵀ L Q); order = argsort(e, descending, stable); Q' = qr(L · Q[:, order]).Q.
+    `order` is what the second moment is permuted by. On the meta device: (basis, identity order).
+    """
+    if mat.device.type == "meta":
+        return basis, torch.arange(basis.shape[1], device=basis.device)
+    product = mat @ basis                                  # L Q, (k, k)
+    estimate = (basis * product).sum(dim=0)                # diag(Qᵀ L Q)
+    order = torch.argsort(estimate, descending=True, stable=True)
+    return torch.linalg.qr(product[:, order]).Q, order     # L (Q[:, order]) = (L Q)[:, order]
+
+
+def rotate(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
+    """Q_Lᵀ x Q_R (None: that side is the identity)."""
+    if left is not None:
+        x = left.T @ x
+    if right is not None:
+        x = x @ right
+    return x
+
+
+def unrotate(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
+    """Q_L x Q_Rᵀ (None: that side is the identity)."""
+    if left is not None:
+        x = left @ x
+    if right is not None:
+        x = x @ right.T
+    return x
+
+
+def accumulate_statistics(grad: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, *,
+                          shampoo_beta: float) -> None:
+    """L <- lerp(L, G Gᵀ, 1 - beta_s), R <- lerp(R, Gᵀ G, 1 - beta_s), in place (None: side not kept)."""
+    if left is not None:
+        left.lerp_(grad @ grad.T, 1.0 - shampoo_beta)
+    if right is not None:
+        right.lerp_(grad.T @ grad, 1.0 - shampoo_beta)
+
+
+def soap_matrix_step(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    left: torch.Tensor | None,
+    right: torch.Tensor | None,
+    left_basis: torch.Tensor | None,
+    right_basis: torch.Tensor | None,
+    *,
+    step: int,
+    refresh: bool,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    shampoo_beta: float,
+    eps: float,
+    weight_decay: float,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One SOAP update of a 2-D `weight` (t = `step` >= 1 Adam steps), in this order:
+
+    1. G' = Q_Lᵀ G Q_R; m <- beta1 m + (1 - beta1) G'; v <- beta2 v + (1 - beta2) G'²   (old basis)
+    2. W <- W - lr c_t Q_L (m / (sqrt(v) + eps)) Q_Rᵀ, c_t = sqrt(1 - beta2^t) / (1 - beta1^t); W <- W - lr wd W
+    3. L, R <- lerp(., G Gᵀ / Gᵀ G, 1 - shampoo_beta)
+    4. if `refresh`: (Q, order) <- refresh_basis(L, Q) per kept side; v <- v[order_L][:, order_R];
+       m <- Q_L'ᵀ (Q_L m Q_Rᵀ) Q_R' (m rotated exactly from the old basis into the new one).
+
+    All tensors share one floating dtype (the caller casts). Moments, L, R are updated in place;
+    returns the (possibly new) bases.
+    """
+    rotated = rotate(grad, left_basis, right_basis)                    # G', (m, n)
+    exp_avg.mul_(beta1).add_(rotated, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
+    del rotated
+    direction = exp_avg / exp_avg_sq.sqrt().add_(eps)                  # in the rotated basis
+    direction = unrotate(direction, left_basis, right_basis)
+    weight.add_(direction.to(weight.dtype), alpha=-F.bias_corrected_step_size(lr, beta1, beta2, step))
+    del direction
+    F.decay_weights(weight, lr, weight_decay)
+
+    accumulate_statistics(grad, left, right, shampoo_beta=shampoo_beta)
+    if not refresh:
+        return left_basis, right_basis
+    moment = unrotate(exp_avg, left_basis, right_basis)                # m in the weight's basis
+    new_left, new_right = left_basis, right_basis
+    if left is not None:
+        new_left, order = refresh_basis(left, left_basis)
+        exp_avg_sq.copy_(exp_avg_sq[order, :])
+    if right is not None:
+        new_right, order = refresh_basis(right, right_basis)
+        exp_avg_sq.copy_(exp_avg_sq[:, order])
+    exp_avg.copy_(rotate(moment, new_left, new_right))
+    return new_left, new_right
+
+
+# ------------------------------------------------------------------------------------ the optimizer
+class SOAP(Optimizer):
+    r"""SOAP (arXiv 2409.11321): Adam run in the eigenbasis of Shampoo's two-sided preconditioner.
+
+    For a 2-D weight :math:`W \in \mathbb{R}^{m\times n}` with gradient :math:`G`. A side longer than
+    ``max_precond_dim`` (default 10000, e.g. the vocabulary side of embed_tokens / lm_head) is not
+    rotated: its Q is the identity and neither its statistics nor its Q is stored. Call ``k`` counts
+    the calls of `step` that saw a gradient for the parameter (``state["step"]``); ``t = k - 1`` counts
+    Adam steps.
+
+    **Call k = 1 (initialisation only).** :math:`L = (1-\beta_s) G G^\top`, :math:`R = (1-\beta_s) G^\top G`
+    (lerp from zero), :math:`Q_L, Q_R` = their eigenvectors (``torch.linalg.eigh``, columns in descending
+    order of eigenvalue), m = v = 0. **No moment update, no weight update, no weight decay.** This holds
+    for every parameter, 1-D ones included (their first call only creates zero moments).
+
+    **Call k >= 2 (t = k - 1)**, in this order:
+
+    .. math::
+        G' &= Q_L^\top G Q_R \quad (\text{the current basis})\\
+        m &\leftarrow \beta_1 m + (1-\beta_1) G', \quad v \leftarrow \beta_2 v + (1-\beta_2) G'^{\odot 2}\\
+        W &\leftarrow W - \eta\, \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\, Q_L \big(m / (\sqrt v + \epsilon)\big) Q_R^\top,
+        \quad W \leftarrow W - \eta \lambda W\\
+        L &\leftarrow \beta_s L + (1-\beta_s) G G^\top, \quad R \leftarrow \beta_s R + (1-\beta_s) G^\top G
+
+    then, **if t % f == 0** (f = ``precondition_frequency``; after Adam steps f, 2f, ...), the basis is
+    refreshed *after* this step's moment and weight update, from the L, R that include this G:
+    per kept side, :math:`e = \mathrm{diag}(Q^\top L Q)`, ``order = argsort(e, descending, stable)``,
+    :math:`Q' = \mathrm{qr}(L\, Q_{[:, order]}).Q` (one power-iteration step); v is permuted to match
+    (``v[order_L][:, order_R]``, no rotation); m is rotated exactly into the new basis,
+    :math:`m \leftarrow Q_L'^\top (Q_L m Q_R^\top) Q_R'`. The next step's G' uses Q'.
+
+    **1-D parameters** (norms, biases) and parameters of any dimension other than 2: this repository's
+    AdamW (``functional.adamw_update``: m, v on G, the same :math:`c_t` with t = k - 1, ε on the
+    uncorrected √v, decay after the update). A 2-D weight with both sides over ``max_precond_dim`` gets
+    the same update through the rotated path with identity bases.
+
+    State per m x n weight (both sides rotated): ``exp_avg``, ``exp_avg_sq`` (m x n each, in the rotated
+    basis), ``L``, ``Q_L`` (m x m), ``R``, ``Q_R`` (n x n), ``step`` (int): **2mn + 2m² + 2n²** numbers
+    (a side over ``max_precond_dim`` drops its two square terms) in the state dtype, plus 8 bytes.
+    1-D: ``exp_avg``, ``exp_avg_sq``, ``step``.
+
+    Hyper-parameters (all live in every param group, so a group rebuilds the optimizer on its own):
+    ``lr`` (3e-3), ``betas`` ((0.95, 0.95)), ``eps`` (1e-8), ``weight_decay`` (0.01, the published value;
+    `build` defaults to 0.0 like the harness's other optimizers), ``shampoo_beta`` (None = beta2),
+    ``precondition_frequency`` (10), ``max_precond_dim`` (10000), ``state_dtype`` (None = the parameter's
+    dtype; "float32" keeps all state, L/R/Q included, in float32 for bf16 weights). The arithmetic of a
+    matrix runs in the state dtype promoted to at least float32 (eigh/QR have no bf16 kernels); a
+    float64 weight runs in float64.
+
+    Deliberate choices where PEERS.md leaves room, or differences from the published code:
+
+    - the first call initialises every parameter and updates none (PEERS.md: "the first step only
+      initialises L, R, Q"); Adam's bias correction counts from the second call;
+    - ε is added to the uncorrected √v with the bias correction folded into the step size (this
+      repository's AdamW convention); decay is applied after the update with the plain lr;
+    - the refresh is ordered after the moment/weight update of the same step (stated above), sorts by
+      diag(QᵀLQ) with a stable descending argsort, and takes torch.linalg.qr's Q as is (no sign fixing:
+      the update does not depend on the signs of Q's columns, m being rotated exactly);
+    - no gradient normalisation, no merging of dimensions, no preconditioning of 1-D parameters;
+    - sharded (DTensor / ``--fsdp``) and int8 (``--weight_quant``) weights are refused.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        shampoo_beta: float | None = None,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        state_dtype: torch.dtype | str | None = None,
+    ):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, shampoo_beta=shampoo_beta,
+                        precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+                        state_dtype=_state_dtype_name(state_dtype))
+        super().__init__(params, defaults)
+
+    # --------------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1
+        name = f"SOAP param group {group['name']!r}" if "name" in group else f"SOAP param_groups[{index}]"
+        group["betas"] = tuple(group["betas"])
+        group["state_dtype"] = _state_dtype_name(group["state_dtype"])
+        _validate_group(group, name)
+        for param in group["params"]:
+            if sharded.is_dtensor(param):
+                raise ValueError("--fsdp is not supported for soap: the preconditioners need the whole matrix "
+                                 "(sharded DTensor parameter)")
+            if quant.is_quantized(param):
+                raise ValueError("soap cannot update int8 weights (--weight_quant): it has no int8 weight path")
+
+    # ---------------------------------------------------------------------------------- state
+    @staticmethod
+    def _dtypes(group: dict[str, Any], param: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+        """(state dtype, compute dtype): the state dtype promoted to at least float32."""
+        state_dtype = STATE_DTYPES[group["state_dtype"]] or param.dtype
+        return state_dtype, torch.promote_types(state_dtype, torch.float32)
+
+    @staticmethod
+    def rotated_sides(shape: torch.Size | tuple[int, ...], max_precond_dim: int) -> tuple[bool, bool]:
+        """(left rotated, right rotated) for a 2-D shape: a side is rotated when its length <= max_precond_dim."""
+        rows, cols = shape
+        return rows <= max_precond_dim, cols <= max_precond_dim
+
+    def _init_state(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        state_dtype, work = self._dtypes(group, param)
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(param.shape, dtype=state_dtype, device=param.device)
+        state["exp_avg_sq"] = torch.zeros(param.shape, dtype=state_dtype, device=param.device)
+        if param.dim() != 2:
+            return
+        beta_s = _shampoo_beta(group)
+        g = grad.to(work)
+        for side, keep, size in zip(("L", "R"), self.rotated_sides(param.shape, group["max_precond_dim"]), param.shape):
+            if not keep:
+                continue
+            stat = torch.zeros(size, size, dtype=work, device=param.device)
+            stat.lerp_(g @ g.T if side == "L" else g.T @ g, 1.0 - beta_s)   # from zero: (1 - beta_s) G Gᵀ
+            state[side] = stat.to(state_dtype)
+            state[f"Q_{side}"] = eigenbasis(stat).to(state_dtype)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; floating state tensors keep the dtype they were saved in (torch would cast
+        them to the parameter's dtype, rounding float32 state of a bf16 weight)."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
+    # ----------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One SOAP step for every parameter with a gradient (see the class docstring for the order)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("SOAP does not support sparse gradients")
+                state = self.state[param]
+                if not state:
+                    self._init_state(param, grad, group)
+                state["step"] += 1
+                if state["step"] == 1:
+                    continue  # the first call only initialises L, R, Q (and zero moments)
+                if param.dim() == 2:
+                    self._step_matrix(param, grad, group, state)
+                else:
+                    beta1, beta2 = group["betas"]
+                    F.adamw_update(param, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"] - 1,
+                                   lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                   weight_decay=group["weight_decay"])
+        return loss
+
+    def _step_matrix(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state_dtype, work = self._dtypes(group, param)
+        keys = ("exp_avg", "exp_avg_sq", "L", "R", "Q_L", "Q_R")
+        tensors = {key: state[key].to(work) if key in state else None for key in keys}  # no copy when work == state dtype
+        adam_step = state["step"] - 1
+        beta1, beta2 = group["betas"]
+        new_left, new_right = soap_matrix_step(
+            param, grad.to(work), tensors["exp_avg"], tensors["exp_avg_sq"], tensors["L"], tensors["R"],
+            tensors["Q_L"], tensors["Q_R"], step=adam_step, refresh=adam_step % group["precondition_frequency"] == 0,
+            lr=group["lr"], beta1=beta1, beta2=beta2, shampoo_beta=_shampoo_beta(group), eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+        tensors["Q_L"], tensors["Q_R"] = new_left, new_right
+        for key, value in tensors.items():
+            if value is not None and value is not state[key]:
+                state[key].copy_(value)  # back into the state dtype (or the new basis into the old storage)
+
+
+def _shampoo_beta(group: dict[str, Any]) -> float:
+    return group["betas"][1] if group["shampoo_beta"] is None else group["shampoo_beta"]
+
+
+def _validate_group(group: dict[str, Any], name: str) -> None:
+    """ValueError (one line naming the key) for any bad hyper-parameter of a SOAP param group."""
+    if not group["lr"] >= 0.0:
+        raise ValueError(f"{name}: lr must be >= 0, got {group['lr']!r}")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas!r}")
+    if not group["eps"] >= 0.0:
+        raise ValueError(f"{name}: eps must be >= 0, got {group['eps']!r}")
+    if not group["weight_decay"] >= 0.0:
+        raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']!r}")
+    beta_s = group["shampoo_beta"]
+    if beta_s is not None and not 0.0 <= beta_s < 1.0:
+        raise ValueError(f"{name}: shampoo_beta must be None (use beta2) or in [0, 1), got {beta_s!r}")
+    for key, low in (("precondition_frequency", 1), ("max_precond_dim", 0)):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: {key} must be an integer >= {low}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------- routing
+def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any) -> SOAP:
+    """SOAP over `model`: every trainable 2-D parameter in the "rotated" group (a side longer than
+    ``max_precond_dim`` stays unrotated: the vocabulary side of embed_tokens / lm_head at the default
+    10000), every other trainable parameter (RMSNorm weights, biases) in the "adam" group.
+
+    options (see `OPTIONS`; None means the default): betas (0.95, 0.95), eps 1e-8, shampoo_beta
+    (None = beta2), precondition_frequency 10, max_precond_dim 10000, state_dtype (None). The published
+    weight decay is 0.01; `build` takes what the caller passes (default 0.0, like the other optimizers).
+    Refuses int8 and sharded (DTensor) weights with one-line ValueErrors.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - OPTIONS)
+    if unknown:
+        raise ValueError(f"optimizer 'soap' does not take option(s) {', '.join(unknown)}")
+    trainable = [p for p in model.parameters() if p.requires_grad or quant.is_quantized(p)]
+    matrices = [p for p in trainable if p.dim() == 2]
+    others = [p for p in trainable if p.dim() != 2]
+    assert len(matrices) + len(others) == len(trainable), "soap.build: a parameter landed in no group"
+    max_dim = options.get("max_precond_dim", 10000)
+    sides = [SOAP.rotated_sides(p.shape, max_dim) for p in matrices]
+    logger.info(
+        "soap param groups: %d rotated matrices (%.2fM values; %d with one side over max_precond_dim=%d, "
+        "%d with both), %d Adam tensors (%.2fM values)",
+        len(matrices), sum(p.numel() for p in matrices) / 1e6, sum(1 for s in sides if sum(s) == 1), max_dim,
+        sum(1 for s in sides if sum(s) == 0), len(others), sum(p.numel() for p in others) / 1e6,
+    )
+    groups = [{"params": matrices, "name": "rotated"}, {"params": others, "name": "adam"}]
+    return SOAP([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, **options)
