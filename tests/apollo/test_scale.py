@@ -11,8 +11,6 @@ import apollo
 from apollo import quant
 from apollo.scale import OPTIONS, SCALE, build
 
-torch.set_num_threads(1)
-
 HIDDEN_SHAPES = [(12, 5), (5, 12), (7, 7)]  # tall, wide, square Linear weights (out x in)
 EMBED_SHAPE, HEAD_SHAPE, NORM_SHAPES = (20, 6), (20, 6), [(6,), (5,)]
 
@@ -278,6 +276,11 @@ def test_tied_embeddings_get_the_column_rule_and_no_momentum():
                                rtol=1e-6, atol=1e-6)
     expected = sum(2 * p.numel() * 4 + 8 for p in model.parameters() if p.dim() == 1)
     assert apollo.optimizer_state_bytes(opt) == expected
+    # a config that says tied over two distinct tensors: the head is a plain row-rule matrix, still no momentum
+    untied = _llama(layers=1)
+    untied.config.tie_word_embeddings = True
+    groups = _groups_by_name(build(untied, lr=0.01))
+    assert "lm_head" not in groups and any(p is untied.lm_head.weight for p in groups["hidden"]["params"])
 
 
 # ---------------------------------------------------------------------------------------- state
