@@ -47,10 +47,16 @@ def inverse_norms(x: torch.Tensor, *, norm_dim: int, norm: str, shard: sharded.R
     return squares.sqrt_().clamp_(min=NORM_FLOOR).reciprocal_()
 
 
+def _factor_for(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The factor in x's dtype where that dtype has float32's range (bfloat16: torch's mixed-dtype CPU path is
+    slow); float16 keeps float32, since 1/rms of a small float16 gradient overflows it (1e-8 floor: 1e8)."""
+    return factor if x.dtype == torch.float16 else factor.to(x.dtype)
+
+
 def column_norm_update(weight: torch.Tensor, grad: torch.Tensor, *, lr: float, weight_decay: float, norm_dim: int,
                        norm: str, shard: sharded.RowShard | None = None) -> None:
     """W <- (1 - lr wd) W - lr N(G), in place (no state)."""
-    factor = inverse_norms(grad, norm_dim=norm_dim, norm=norm, shard=shard).to(grad.dtype)
+    factor = _factor_for(inverse_norms(grad, norm_dim=norm_dim, norm=norm, shard=shard), grad)
     if weight_decay != 0.0:
         weight.mul_(1.0 - lr * weight_decay)
     weight.addcmul_(grad, factor, value=-lr)
@@ -61,7 +67,7 @@ def momentum_column_norm_update(weight: torch.Tensor, grad: torch.Tensor, buffer
                                 shard: sharded.RowShard | None = None) -> None:
     """M <- mu M + (1 - mu) G (no bias correction); W <- (1 - lr wd) W - lr N(M), in place."""
     buffer.mul_(momentum).add_(grad.to(buffer.dtype), alpha=1.0 - momentum)
-    factor = inverse_norms(buffer, norm_dim=norm_dim, norm=norm, shard=shard).to(buffer.dtype)
+    factor = _factor_for(inverse_norms(buffer, norm_dim=norm_dim, norm=norm, shard=shard), buffer)
     if weight_decay != 0.0:
         weight.mul_(1.0 - lr * weight_decay)
     weight.addcmul_(buffer, factor, value=-lr)

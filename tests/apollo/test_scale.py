@@ -361,6 +361,19 @@ def test_bfloat16_weights_with_float32_states_follow_the_float64_run():
     assert opt.state[params[-1]]["exp_avg_sq"].dtype == torch.float32
 
 
+def test_float16_weights_with_small_gradients_get_finite_updates():
+    """1/rms of a 1e-6 gradient is 1e6, beyond float16's range: the factor stays float32."""
+    w = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float16))
+    head = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float16))
+    opt = SCALE([{"params": [w]}, {"params": [head], "rule": "momentum_column_norm"}], lr=0.1)
+    w.grad = torch.tensor([[1e-6, -1e-6, 1e-6], [2e-6, 2e-6, -2e-6]], dtype=torch.float16)
+    head.grad = w.grad.clone()
+    opt.step()
+    signs = torch.tensor([[-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
+    for p in (w, head):
+        torch.testing.assert_close(p.float(), 0.1 * signs, rtol=3e-3, atol=0)
+
+
 def test_per_parameter_rebuild_equals_the_joint_optimizer():
     """apollo/layerwise.py builds type(opt)([dict(group, params=[p])]) for every parameter."""
     weights, _ = _weights(torch.float32)
