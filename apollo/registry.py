@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import factory
+from . import adam_mini, adamw8bit, factory, fira, muon, scale, soap
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,19 @@ REGISTRY: dict[str, OptimizerEntry] = {
                                  "APOLLO with GaLore's SVD projection"),
     "galore": OptimizerEntry(partial(factory.build_low_rank, "galore"), factory.LOWRANK_OPTIONS["galore"],
                              "GaLore: Adam in an SVD subspace, projected back"),
+    "fira": OptimizerEntry(fira.build, fira.OPTIONS,
+                           "Fira: GaLore + the norm-scaled residual outside the subspace, limiter on the residual"),
+    "scale": OptimizerEntry(scale.build, scale.OPTIONS,
+                            "SCALE: column-normalised SGD, lm_head momentum, AdamW for the norms (no state per matrix)"),
+    "muon": OptimizerEntry(muon.build, muon.OPTIONS,
+                           "torch.optim.Muon on the decoder matrices + torch.optim.AdamW on embeddings, lm_head, norms"),
+    "adam_mini": OptimizerEntry(adam_mini.build, adam_mini.OPTIONS,
+                                "Adam-mini: one second moment per block (head, row, token, tensor)"),
+    "soap": OptimizerEntry(soap.build, soap.OPTIONS, "SOAP: Adam in the eigenbasis of Shampoo's preconditioners"),
+    "adamw8bit": OptimizerEntry(adamw8bit.build, adamw8bit.OPTIONS,
+                                "bitsandbytes' 8-bit AdamW (optional dependency: pip install -e .[bnb])"),
 }
-ALIASES = {"apollo_adamw": "apollo", "galore_adamw": "galore"}
+ALIASES = {"apollo_adamw": "apollo", "galore_adamw": "galore", "fira_adamw": "fira", "scale_sgd": "scale"}
 
 
 def register(name: str, entry: OptimizerEntry, *aliases: str) -> None:

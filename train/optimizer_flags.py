@@ -48,7 +48,6 @@ PARAM_DTYPE_STATES = frozenset({"adamw", "muon", "adamw8bit"})
 MODES: dict[str, dict[str, str]] = {
     "weight_quant": {
         "adamw": "torch.optim.AdamW cannot update int8 weights",
-        "scale": "SCALE's int8 path is not implemented",
         "muon": "Newton-Schulz on re-quantised int8 weights is not a published method",
         "adam_mini": "Adam-mini has no int8 weight path",
         "soap": "SOAP has no int8 weight path",

@@ -37,6 +37,28 @@ def test_every_published_row_has_a_recipe():
             "llama_350m_long_context_apollo_mini"} <= names
 
 
+def test_every_peer_has_its_recipes():
+    names = {p.stem for p in RECIPES}
+    expected = ({f"llama_{size}_scale" for size in ("60m", "130m", "350m", "1b", "7b")}
+                | {f"llama_{size}_{optimizer}" for size in ("60m", "130m", "350m", "1b")
+                   for optimizer in ("fira", "muon", "adam_mini")}
+                | {"llama_7b_adamw8bit"})
+    assert expected <= names, sorted(expected - names)
+
+
+def test_peer_recipes_carry_the_published_settings():
+    """SCALE's 60M runs 11,000 steps; its lr and adam_lr change at 1B; Fira's alpha drops at 1B (PEERS.md)."""
+    def flags(stem):
+        words = shlex.split((SCRIPTS / f"{stem}.sh").read_text().split("launch ", 1)[1].replace("\\\n", " "))
+        return {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+    assert flags("llama_60m_scale")["--num_training_steps"] == "11000"
+    assert (flags("llama_350m_scale")["--lr"], flags("llama_350m_scale")["--adam_lr"]) == ("0.001", "0.02")
+    assert (flags("llama_1b_scale")["--lr"], flags("llama_1b_scale")["--adam_lr"]) == ("0.0002", "0.001")
+    assert (flags("llama_7b_scale")["--lr"], flags("llama_7b_scale")["--adam_lr"]) == ("0.0001", "0.001")
+    assert [flags(f"llama_{s}_fira")["--fira_alpha"] for s in ("60m", "350m", "1b")] == ["0.25", "0.25", "0.0625"]
+    assert [flags(f"llama_{s}_fira")["--rank"] for s in ("60m", "130m", "350m", "1b")] == ["128", "256", "256", "512"]
+
+
 @pytest.mark.parametrize("script", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_dry_run(script, local_env, monkeypatch, capsys):
     command = _launch_command(script, local_env)

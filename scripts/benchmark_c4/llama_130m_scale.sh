@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# LLaMA-130M: 130m scale (PEERS.md settings). Setup: 4 GPU(s),
+# micro-batch 128, total batch 512, 20000 updates, 2000 warmup. Extra flags are forwarded: "$@".
+# SCALE (arXiv 2506.16659), its repository's runs: column-normalised SGD (rms), lm_head momentum 0.9, norms
+# by AdamW at --adam_lr; 10% warmup, cosine to 0.1, no clipping, wd 0 (PEERS.md).
+DEFAULT_NGPU=4
+source "$(dirname "$0")/common.sh"
+launch 128 --model_config configs/llama_130m.json --optimizer scale --lr 0.001 --adam_lr 0.02 --scale_momentum 0.9 --scale_norm rms \
+    --num_training_steps 20000 --warmup_steps 2000 --scheduler cosine --min_lr_ratio 0.1 --weight_decay 0 \
+    --eval_every 1000 --save_every 10000 --dtype bfloat16 --seed 42 --name llama_130m_scale "$@"
