@@ -420,23 +420,22 @@ def test_tiny_llama_loss_falls():
     batch = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
     optimizer = fira.build(model, lr=1e-2, update_proj_gap=10)
     losses = []
-    for _ in range(25):
+    for _ in range(12):  # 4.85 -> ~0.6 in 12 updates (~0.02 after 25)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[0] == pytest.approx(4.85, abs=0.1)  # ln(128)
-    assert losses[-1] < 0.75 * losses[0], f"{losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert losses[-1] < 0.5 * losses[0], f"{losses[0]:.3f} -> {losses[-1]:.3f}"
     assert all(math.isfinite(x) for x in losses)
 
 
-def test_layerwise_rebuild_equals_the_joint_optimizer(monkeypatch):
+def test_layerwise_rebuild_equals_the_joint_optimizer():
     """apollo.LayerwiseOptimizer rebuilds one Fira per parameter (type(opt)([dict(group, params=[p])])) and steps
     it from the gradient hook during backward: bit-identical weights to the joint optimizer."""
     from apollo import layerwise
 
-    monkeypatch.setattr(layerwise, "build_optimizer", lambda name, model, **kw: fira.build(model, **kw))
     joint_model, layer_model = _tiny_llama(hidden=32, vocab=96), _tiny_llama(hidden=32, vocab=96)
     options = dict(lr=0.01, weight_decay=0.1, rank=4, update_proj_gap=2)
     joint = fira.build(joint_model, **options)
