@@ -57,7 +57,8 @@ def fira_update(
         \text{code: } W \mathrel{-}= \eta c_t (\alpha B(N) + S),\quad \text{paper: } W \mathrel{-}= \eta c_t \alpha (B(N) + S)
 
     then :math:`W \mathrel{-}= \eta\lambda W`. Full-size arithmetic (B(R), S, B(N)) is in G's dtype, the moments and
-    :math:`\varphi` in the state dtype, the limiter's norm in at least float32. Scratch: two m x n temporaries.
+    :math:`\varphi` in the state dtype, the limiter's norm in at least float32. Scratch: two m x n temporaries
+    (on the CPU, half-precision products are formed in float32 first: `fused.matmul_operands`).
 
     `shard`: `weight` and `grad` are this rank's rows of a row-sharded matrix (`sharded.RowShard`). A left
     projection then sums :math:`P_{\text{rows}}^\top G_{\text{rows}}` over the ranks (the moments are whole on
