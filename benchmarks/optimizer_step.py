@@ -3,6 +3,7 @@
     python benchmarks/optimizer_step.py --models 60m 130m --dtypes float32 bfloat16 --steps 20
     python benchmarks/optimizer_step.py --models 130m --dtypes bfloat16 --rows apollo apollo_mini
     python benchmarks/optimizer_step.py --models 130m --dtypes float32 --rows apollo apollo_mini --cpu_chunk_elements 1048576
+    python benchmarks/optimizer_step.py --models 130m --dtypes float32 bfloat16 --rows apollo fira scale muon adam_mini soap
 
 For each model and dtype it builds the model's parameters (random values) with random gradients and
 prints a markdown table: median ms per step (>= --steps timed steps after warm-up, optimizers
@@ -89,7 +90,15 @@ def optimizers(model, rank: int, gap: int):
         "galore": lambda: apollo.GaLore(groups(rank=rank, update_proj_gap=gap), lr=1e-3),
         # the AdamW that APOLLO runs on its regular group, to set against torch's fused kernel on the same tensors
         "apollo regular group": lambda: apollo.APOLLO([groups()[0]], lr=1e-3),
+        # the peers, as `--optimizer NAME` builds them (refresh column: Fira's SVD, SOAP's power step + QR)
+        "fira": lambda: apollo.build_optimizer("fira", model, lr=1e-3, rank=rank, update_proj_gap=gap),
+        "scale": lambda: apollo.build_optimizer("scale", model, lr=1e-3),
+        "muon": lambda: apollo.build_optimizer("muon", model, lr=1e-3),
+        "adam_mini": lambda: apollo.build_optimizer("adam_mini", model, lr=1e-3),
+        "soap": lambda: apollo.build_optimizer("soap", model, lr=1e-3, precondition_frequency=gap),
     }
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        factories["adamw8bit"] = lambda: apollo.build_optimizer("adamw8bit", model, lr=1e-3)
     published_apollo = _load_published("apollo_torch", "apollo", "AdamW")
     if published_apollo is not None:
         def make(**kw):
@@ -143,8 +152,9 @@ def state_mb(optimizer) -> float:
 
 BASELINES = ("torch adamw foreach", "torch adamw fused")
 PUBLISHED = {"apollo": "apollo-torch apollo", "apollo_mini": "apollo-torch apollo_mini", "galore": "galore-torch galore"}
+PEER_ROWS = ("fira", "scale", "muon", "adam_mini", "soap", "adamw8bit")
 ROWS = ("apollo", "apollo (plain path)", "apollo_mini", "apollo_mini (plain path)", "apollo_svd", "galore",
-        "apollo regular group")
+        "apollo regular group") + PEER_ROWS
 
 
 def selected(name: str, rows: Sequence[str]) -> bool:
@@ -166,7 +176,8 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
     median_ms = {name: 1e3 * statistics.median(t) for name, t in timed.items()}
     floor_ms = sum(median_ms[k] for k in floor_parts)
     # refresh steps: every step redraws P (random) or recomputes the SVD
-    refresh_names = [n for n in normal if "adamw" not in n and "regular" not in n and "plain" not in n]
+    refresh_names = [n for n in normal if "adamw" not in n and "regular" not in n and "plain" not in n
+                     and n not in ("scale", "muon", "adam_mini")]  # no refresh in these
     refreshing = {name: make() for name, make in optimizers(model, rank, gap=1).items() if name in refresh_names}
     refresh_ms = {name: 1e3 * statistics.median(t)
                   for name, t in time_rounds({n: o.step for n, o in refreshing.items()}, refresh_steps, warmup=1).items()}

@@ -55,7 +55,6 @@ MODES: dict[str, dict[str, str]] = {
     },
     "layerwise": {
         "muon": "the Muon + AdamW composite is not split per parameter",
-        "adamw8bit": "bitsandbytes' optimizer is not rebuilt per parameter",
     },
     "fsdp": {
         "soap": "SOAP's preconditioners need whole matrices (no gathered update yet)",
