@@ -200,6 +200,11 @@ class SOAP(Optimizer):
       the update does not depend on the signs of Q's columns, m being rotated exactly);
     - no gradient normalisation, no merging of dimensions, no preconditioning of 1-D parameters;
     - sharded (DTensor / ``--fsdp``) and int8 (``--weight_quant``) weights are refused.
+
+    A property of the method worth knowing: for m > n, L = (1-β_s) G Gᵀ at the first call has rank <= n, so
+    its eigenbasis is arbitrary on the (m - n)-dimensional null space (whatever eigh returns). It is
+    deterministic for identical inputs, but gradients that differ by rounding (bf16 against float32) pick
+    different bases there, and the runs then differ by more than rounding (the same holds for R, n > m).
     """
 
     def __init__(

@@ -219,6 +219,7 @@ def test_bad_settings_are_refused(kwargs, message):
 def test_build_options_and_refusals():
     model = _tiny_llama()
     assert OPTIONS == {"betas", "eps", "min_8bit_size", "state_dtype"}
+    assert build(model, lr=1e-3, weight_decay=0.1).param_groups[0]["weight_decay"] == 0.1
     opt = build(model, lr=1e-3, state_dtype="float32")
     (group,) = opt.param_groups
     assert (group["name"], group["betas"], group["eps"], group["weight_decay"], group["min_8bit_size"]) == \

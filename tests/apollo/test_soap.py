@@ -276,7 +276,12 @@ def test_resume_is_bit_identical_across_a_refresh(dtype, state_dtype, saved_at):
 
 
 def test_bf16_weights_with_float32_state_track_float32():
+    """bf16 weights with float32 state follow the float32 run to ~1% of the distance moved. Gradients are
+    bf16-representable in both runs: with m > n the first eigenbasis is arbitrary on the null space of
+    L = G G^T, so gradients that differ by rounding give different bases there (see SOAP's docstring)."""
     weights, grads = _tensors(6, dtype=torch.float32)
+    weights = [0.05 * w for w in weights]  # bf16 spacing well below one update (lr 0.02)
+    grads = [[g.bfloat16().float() for g in step_grads] for step_grads in grads]
     full = [nn.Parameter(w.clone()) for w in weights]
     half = [nn.Parameter(w.to(torch.bfloat16)) for w in weights]
     opt_full, opt_half = _soap(full, 2), _soap(half, 2, state_dtype=torch.float32)
@@ -285,8 +290,7 @@ def test_bf16_weights_with_float32_state_track_float32():
     for p, q, w in zip(full, half, weights):
         assert q.dtype == torch.bfloat16
         assert all(v.dtype == torch.float32 for v in opt_half.state[q].values() if isinstance(v, torch.Tensor))
-        moved = (p.detach() - w).norm()
-        assert (q.detach().float() - p.detach()).norm() < 0.1 * moved + 0.02 * w.norm()
+        assert (q.detach().float() - p.detach()).norm() < 0.05 * (p.detach() - w).norm()
 
 
 # ---------------------------------------------------------------------------- layer-wise rebuild
@@ -331,6 +335,7 @@ def test_bad_hyperparameters_are_refused(kwargs, message):
 def test_build_options_and_refusals():
     model = _tiny_llama()
     assert OPTIONS == {"betas", "eps", "shampoo_beta", "precondition_frequency", "max_precond_dim", "state_dtype"}
+    assert all(g["weight_decay"] == 0.1 for g in build(model, lr=1e-3, weight_decay=0.1).param_groups)
     opt = build(model, lr=1e-3)
     group = opt.param_groups[0]
     assert (group["betas"], group["eps"], group["weight_decay"], group["shampoo_beta"],
