@@ -47,32 +47,35 @@ def _head_of_row(rows: int, offset: int, head_rows: int, device: torch.device) -
     return torch.div(torch.arange(offset, offset + rows, device=device), head_rows, rounding_mode="floor")
 
 
-def block_mean_square(grad: torch.Tensor, *, block: str, num_heads: int | None,
+def block_mean_square(grad: torch.Tensor, *, block: str, num_heads: int | None, dtype: torch.dtype | None = None,
                       shard: sharded.RowShard | None = None) -> torch.Tensor:
-    r"""mean_{i \in b} g_i^2 for every block b (the shape of v).
+    r"""mean_{i \in b} g_i^2 for every block b (the shape of v), computed in `dtype` (default: grad's).
 
-    `grad` is this rank's rows of a row-sharded gradient when `shard` is given: a head cut by the split
-    and a whole-tensor block sum their squares over ranks (one all-reduce); rows are local.
+    Squared norms, so no gradient-sized temporary exists except for elementwise blocks. `grad` is this
+    rank's rows of a row-sharded gradient when `shard` is given: a head cut by the split and a
+    whole-tensor block sum their squares over ranks (one all-reduce); rows are local.
     """
+    dtype = dtype or grad.dtype
     rows = grad.shape[0] if grad.dim() else 1
     if block == "elementwise":
-        return grad.square()
-    if block == "row":
-        return grad.reshape(rows, -1).square().mean(dim=1)
+        return grad.to(dtype).square()
     total_shape = shard.shape if shard is not None else tuple(grad.shape)
-    if block == "head":
-        head_rows = total_shape[0] // num_heads
-        offset = shard.offset if shard is not None else 0
-        row_sums = grad.reshape(rows, -1).square().sum(dim=1)
-        sums = torch.zeros(num_heads, dtype=grad.dtype, device=grad.device)
-        sums.index_add_(0, _head_of_row(rows, offset, head_rows, grad.device), row_sums)
+    if block == "tensor":
+        total = torch.linalg.vector_norm(grad, dtype=dtype).square()
         if shard is not None:
-            shard.all_reduce(sums)
-        return sums.div_(head_rows * math.prod(total_shape[1:]))
-    total = grad.square().sum()
+            shard.all_reduce(total)
+        return total.div_(math.prod(total_shape))
+    row_sums = torch.linalg.vector_norm(grad.reshape(rows, -1), dim=1, dtype=dtype).square_()
+    columns = math.prod(total_shape[1:])
+    if block == "row":
+        return row_sums.div_(columns)
+    head_rows = total_shape[0] // num_heads
+    offset = shard.offset if shard is not None else 0
+    sums = torch.zeros(num_heads, dtype=dtype, device=grad.device)
+    sums.index_add_(0, _head_of_row(rows, offset, head_rows, grad.device), row_sums)
     if shard is not None:
-        shard.all_reduce(total)
-    return total.div_(math.prod(total_shape))
+        shard.all_reduce(sums)
+    return sums.div_(head_rows * columns)
 
 
 def _per_row(v: torch.Tensor, weight: torch.Tensor, *, block: str, num_heads: int | None,
@@ -94,13 +97,20 @@ def adam_mini_update(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Te
                      eps: float, weight_decay: float, shard: sharded.RowShard | None = None) -> None:
     """One Adam-mini step of `weight` in place (AdamMini's docstring); `exp_avg`, `exp_avg_sq` in place.
 
-    The moments' dtype is the computation's; `weight` (any float dtype) receives the result. Under a
-    row `shard` every tensor is this rank's part (v of heads and tensors: the whole, replicated).
+    The moments' dtype is the computation's (a bf16 gradient is read into float32 moments without a
+    copy); `weight` (any float dtype) receives the result. Scratch: the denominator, full-size only
+    for elementwise blocks. Under a row `shard` every tensor is this rank's part (v of heads and
+    whole tensors: the whole, replicated).
     """
-    grad = grad.to(exp_avg.dtype)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).add_(block_mean_square(grad, block=block, num_heads=num_heads, shard=shard),
-                                alpha=1 - beta2)
+    if grad.dtype == exp_avg.dtype:
+        exp_avg.lerp_(grad, 1 - beta1)  # torch's AdamW
+    else:
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    if block == "elementwise":
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # torch's AdamW, no temporary
+    else:
+        sample = block_mean_square(grad, block=block, num_heads=num_heads, dtype=exp_avg_sq.dtype, shard=shard)
+        exp_avg_sq.mul_(beta2).add_(sample, alpha=1 - beta2)
     if weight_decay != 0:
         weight.mul_(1 - lr * weight_decay)
     bias_correction1 = 1 - beta1 ** step
@@ -185,7 +195,8 @@ class AdamMini(Optimizer):
                 raise ValueError(f"{where}: {param.shape[0]} rows of parameter {position} do not split into "
                                  f"{heads} heads")
 
-    def _init_state(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+    def _init_state(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+                    state: dict[str, Any]) -> None:
         """Zero m (the weight's shape) and v (one per block), laid out like a sharded weight's rows."""
         dtype = STATE_DTYPES[group["state_dtype"]] or grad.dtype
         block = group["block"]

@@ -341,8 +341,8 @@ def test_layerwise_rebuild_is_identical():
 
 
 def test_tiny_llama_loss_falls():
-    model = _llama(layers=2)
-    batch = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+    model = _llama(layers=1)
+    batch = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     optimizer = build(model, lr=3e-3)
     losses = []
     for _ in range(25):
@@ -352,7 +352,7 @@ def test_tiny_llama_loss_falls():
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(128), abs=0.1)
-    assert losses[-1] < 0.75 * losses[0], f"{losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert losses[-1] < 0.3 * losses[0], f"{losses[0]:.3f} -> {losses[-1]:.3f}"  # measured 4.85 -> 0.53
 
 
 def test_int8_weights_update_their_float_copy_and_requantise():
