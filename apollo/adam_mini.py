@@ -143,7 +143,7 @@ class AdamMini(Optimizer):
         v_{b,t} &= \beta_2 v_{b,t-1} + (1-\beta_2)\, \tfrac{1}{|b|}\textstyle\sum_{i\in b} g_{t,i}^2\\
         W &\leftarrow (1-\eta\lambda)\, W - \eta\, \frac{m_t/(1-\beta_1^t)}{\sqrt{v_{b,t}}/\sqrt{1-\beta_2^t} + \epsilon}
 
-    With every block elementwise this is exactly ``torch.optim.AdamW`` (ε added to the bias-corrected
+    With every block elementwise this is ``torch.optim.AdamW`` up to round-off (ε on the bias-corrected
     :math:`\sqrt{v}`, as torch does; this repository's APOLLO AdamW adds it before the correction).
     Defaults: lr 1e-3, betas (0.9, 0.999), ε 1e-8, weight decay 0 (`partition` sets 0 for norms and
     biases); ``block`` has no default (use `partition`/`build` for a model).
