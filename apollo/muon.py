@@ -176,9 +176,13 @@ class MuonAdamW(Optimizer):
         super().load_state_dict(state_dict)
         self._rewire()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps defaults, state and param_groups only; a copy or pickle needs the inner optimizers too
+        return {**super().__getstate__(), "_inner": self._inner, "_kind_defaults": self._kind_defaults}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "_inner" in self.__dict__:  # unpickling a whole optimizer, or load_state_dict (rewired after)
+        if "_inner" in self.__dict__:  # a copy or unpickled optimizer, or load_state_dict (which rewires after)
             self._rewire()
 
     # ------------------------------------------------------------------- step

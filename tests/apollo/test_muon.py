@@ -1,4 +1,5 @@
 """apollo.muon: torch.optim.Muon for the decoder matrices + torch.optim.AdamW for the rest, as one optimizer."""
+import copy
 import io
 import math
 
@@ -63,7 +64,7 @@ def test_composite_equals_torch_muon_plus_adamw(nesterov, adjust_lr_fn):
     torch_muon = torch.optim.Muon(muon, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov,
                                   adjust_lr_fn=adjust_lr_fn)
     torch_adamw = torch.optim.AdamW(adamw, lr=3e-3, weight_decay=0.1, betas=(0.8, 0.95))
-    grads = random_grads(model, 4)
+    grads = random_grads(model, 3)
     run(model, optimizer, grads)
 
     class Both:
@@ -357,6 +358,21 @@ def test_layerwise_rebuild_of_one_group_equals_the_joint_step():
             per_param[id(p)].zero_grad()
     for (name, p), q in zip(model.named_parameters(), single.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_a_deep_copy_steps_like_the_original():
+    grads = random_grads(tiny_llama(), 2)
+    model = tiny_llama()
+    optimizer = M.build(model, lr=0.02, weight_decay=0.1)
+    run(model, optimizer, grads[:1])
+    model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
+    assert optimizer_copy._inner["muon"].state is optimizer_copy.state
+    assert optimizer_copy._inner["adamw"].param_groups[0] is optimizer_copy.param_groups[1]
+    assert optimizer_copy.param_groups[0]["params"][0] is model_copy.model.layers[0].self_attn.q_proj.weight
+    run(model, optimizer, grads[1:])
+    run(model_copy, optimizer_copy, grads[1:])
+    for p, q in zip(model.parameters(), model_copy.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_sharded_update_function_equals_torchs_step_on_whole_tensors():
