@@ -26,6 +26,15 @@ run on across the boundary, so no document is dropped. The number of steps decid
 A state can only be loaded into a loader with the same settings (batch, length, seed, rank, world
 size, workers, packing, buffer): per-worker positions cannot be re-dealt to another worker count.
 
+Pretokenized shards (`python -m train.pretokenize`, format in train/token_shards.py): with a token
+folder as data_dir (detected, or data_format="tokens") the json read + tokenisation steps are replaced
+by memory-mapped token shards, one per source json file, read as a datasets IterableDataset with one
+data source per shard; everything from the shard shuffle on is the same code. For the same settings
+(seed, rank, world size, workers, batch, length, packing, buffer) and shards written from the same
+files with the same tokenizer, the two paths yield bit-identical batches, epoch after epoch
+(tests/train/test_pretokenize.py); their checkpointed positions differ, so a run resumes in the format
+it was saved in.
+
 Token ids: t5-base's SentencePiece pieces are ids 0..31999; its 100 `<extra_id_N>` tokens (32000..32099)
 come out only where a document contains that literal text (none of the local C4 sample does), and would
 be out of range for the protocol's vocab-32000 models.
@@ -33,6 +42,7 @@ be out of range for the protocol's vocab-32000 models.
 from __future__ import annotations
 
 import glob
+import itertools
 import warnings
 from collections.abc import Iterator
 from os import PathLike
@@ -46,8 +56,11 @@ from datasets.distributed import split_dataset_by_node
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from train import token_shards
+
 HUB_DATASET = ("allenai/c4", "en")
 SHARD_PATTERNS = {"train": "c4-train.*.json.gz", "validation": "c4-validation.*.json.gz"}
+DATA_FORMATS = ("auto", "text", "tokens")  # auto: tokens when data_dir is a train.pretokenize folder
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers' loss) skips
 # Documents per tokenizer call: large enough for the fast tokenizer's batching, small enough that a
 # resume (datasets re-runs the interrupted map batch) and the first batch cost little.
@@ -74,16 +87,28 @@ def load_tokenizer(name_or_path: str | PathLike = "t5-base") -> PreTrainedTokeni
         raise ValueError(f"tokenizer {name_or_path}: cannot be loaded ({reason})") from None
 
 
-def check_data_source(data_dir: str | PathLike | None) -> None:
-    """Fail fast, reading no data: `None` means the hub (allenai/c4 "en"); a folder needs both shard kinds."""
+def check_data_source(data_dir: str | PathLike | None, data_format: str = "auto") -> str:
+    """Fail fast, reading no data; returns the format, "text" or "tokens".
+
+    `None` means the hub (allenai/c4 "en", text); a json folder needs both shard kinds, a token folder
+    both splits consistent with their index (train/token_shards.py).
+    """
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format {data_format!r}: must be one of {', '.join(DATA_FORMATS)}")
     if data_dir is None:
-        return
+        if data_format == "tokens":
+            raise ValueError("data_format tokens needs a data_dir written by python -m train.pretokenize")
+        return "text"
     path = Path(data_dir)
     if not path.is_dir():
         raise ValueError(f"data_dir {path}: no such folder")
+    if data_format == "tokens" or (data_format == "auto" and token_shards.is_token_folder(path)):
+        token_shards.check_token_folder(path)
+        return "tokens"
     missing = [pattern for pattern in SHARD_PATTERNS.values() if not glob.glob(str(path / pattern))]
     if missing:
         raise ValueError(f"data_dir {path}: no shards matching {' or '.join(missing)}")
+    return "text"
 
 
 def open_c4(data_dir: str | PathLike | None, split: str) -> datasets.IterableDataset:
@@ -116,32 +141,72 @@ def tokenize(stream: datasets.IterableDataset, tokenizer, *, max_length: int, pa
 
 
 def pad_documents(documents: list[list[int]], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows to `max_length`: `input_ids`, `attention_mask` and `labels` (padding -> -100)."""
-    batch = tokenizer.pad(
-        {"input_ids": documents}, padding="max_length", max_length=max_length, padding_side="right", return_tensors="pt"
-    )
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+    """Right-pad rows to `max_length` with the pad id: `input_ids`, `attention_mask` and `labels` (padding -> -100).
+
+    The same tensors as `tokenizer.pad(..., padding="max_length", padding_side="right")`, built in numpy:
+    torch.tensor on nested lists was most of the loader's time on pretokenized data.
+    """
+    lengths = np.fromiter((len(row) for row in documents), dtype=np.int64, count=len(documents))
+    if lengths.max(initial=0) > max_length:
+        raise ValueError(f"a row of {lengths.max()} tokens does not fit max_length {max_length}")
+    mask = np.arange(max_length) < lengths[:, None]  # (B, T)
+    ids = np.full((len(documents), max_length), tokenizer.pad_token_id, dtype=np.int64)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int64, count=int(lengths.sum()))
+    input_ids, attention_mask = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def packed_rows(tokens: list[int], batch_size: int, max_length: int) -> dict[str, torch.Tensor]:
     """`batch_size * max_length` concatenated tokens as full rows: no padding, labels = ids."""
-    ids = torch.tensor(tokens, dtype=torch.long).view(batch_size, max_length)
+    ids = torch.from_numpy(np.fromiter(tokens, dtype=np.int64, count=len(tokens))).view(batch_size, max_length)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def iter_eval_batches(*, tokenizer, data_dir, max_length: int, batch_size: int, rank: int = 0, world_size: int = 1):
-    """Validation batches of this rank, in file order (no shuffle): identical on every run."""
+def tokenize_with_bytes(stream: datasets.IterableDataset, tokenizer, *, max_length: int):
+    """Documents -> the rows of `tokenize` (truncated) and `text_bytes`, the UTF-8 bytes of the text each covers.
+
+    A document kept whole covers its whole text; a truncated one the text up to the end of its last
+    kept text token (character offsets of the fast tokenizer; train.token_shards.covered_bytes).
+    """
+    _, suffix = token_shards.special_tokens(tokenizer)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        encoded = tokenizer(batch["text"], return_offsets_mapping=True, verbose=False)
+        rows, covered = [], []
+        for text, ids, offsets in zip(batch["text"], encoded["input_ids"], encoded["offset_mapping"]):
+            row = token_shards.truncate(ids, max_length, suffix)  # = tokenizer(..., truncation=True)
+            ends = token_shards.byte_ends(text, offsets) if len(row) < len(ids) else None
+            covered.append(token_shards.covered_bytes(len(row), len(ids), token_shards.text_bytes(text), ends, len(suffix)))
+            rows.append(row)
+        return {"input_ids": rows, "text_bytes": covered}
+
+    return stream.map(encode, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=["text"])
+
+
+def iter_eval_batches(*, tokenizer, data_dir, max_length: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                      data_format: str = "auto"):
+    """Validation batches of this rank, in file order (no shuffle): identical on every run.
+
+    Besides the padded rows each batch has `text_bytes` (B,): the UTF-8 bytes of the text each row covers.
+    """
     _check_lengths(max_length=max_length, batch_size=batch_size, rank=rank, world_size=world_size)
-    stream = split_dataset_by_node(open_c4(data_dir, "validation"), rank=rank, world_size=world_size)
-    documents: list[list[int]] = []
-    for row in tokenize(stream, tokenizer, max_length=max_length, packing=False):
+    if check_data_source(data_dir, data_format) == "tokens":
+        documents = token_shards.open_tokens(data_dir, "validation", tokenizer=tokenizer, max_length=max_length,
+                                             with_bytes=True)
+        rows = split_dataset_by_node(documents, rank=rank, world_size=world_size)
+    else:
+        stream = split_dataset_by_node(open_c4(data_dir, "validation"), rank=rank, world_size=world_size)
+        rows = tokenize_with_bytes(stream, tokenizer, max_length=max_length)
+    documents, covered = [], []
+    for row in rows:
         documents.append(row["input_ids"])
+        covered.append(row["text_bytes"])
         if len(documents) == batch_size:
-            yield pad_documents(documents, tokenizer, max_length)
-            documents = []
+            yield {**pad_documents(documents, tokenizer, max_length), "text_bytes": torch.tensor(covered)}
+            documents, covered = [], []
     if documents:
-        yield pad_documents(documents, tokenizer, max_length)
+        yield {**pad_documents(documents, tokenizer, max_length), "text_bytes": torch.tensor(covered)}
 
 
 def _check_lengths(*, max_length: int, batch_size: int, rank: int, world_size: int) -> None:
@@ -235,6 +300,7 @@ class TrainLoader:
         workers: int,
         packing: bool,
         shuffle_buffer: int,
+        data_format: str = "text",
     ):
         self.documents = documents
         self.tokenizer = tokenizer
@@ -246,9 +312,11 @@ class TrainLoader:
         self.workers = workers
         self.packing = packing
         self.shuffle_buffer = shuffle_buffer
+        self.data_format = data_format
         # Documents (or, with packing, tokens) out of the buffer that do not fill a batch yet; they
         # carry over into the next epoch's first batch.
         self.ready: list = []
+        self.used = 0  # ready[:used] is consumed; the head is cut off once it is half the list (not per batch)
         self._start_epoch(0)
 
     # --- one pass over the stream
@@ -275,15 +343,18 @@ class TrainLoader:
             self.ready.append(row)
 
     def _full_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.packing:
-            size = self.batch_size * self.max_length
-            while len(self.ready) >= size:
-                tokens, self.ready = self.ready[:size], self.ready[size:]
-                yield packed_rows(tokens, self.batch_size, self.max_length)
-        else:
-            while len(self.ready) >= self.batch_size:
-                rows, self.ready = self.ready[: self.batch_size], self.ready[self.batch_size :]
-                yield pad_documents(rows, self.tokenizer, self.max_length)
+        # A drained buffer can put a whole epoch in `ready`: cutting its head at every batch would be quadratic.
+        size = self.batch_size * self.max_length if self.packing else self.batch_size
+        while len(self.ready) - self.used >= size:
+            chunk = self.ready[self.used : self.used + size]
+            self.used += size
+            if 2 * self.used >= len(self.ready):
+                del self.ready[: self.used]
+                self.used = 0
+            if self.packing:
+                yield packed_rows(chunk, self.batch_size, self.max_length)
+            else:
+                yield pad_documents(chunk, self.tokenizer, self.max_length)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         empty_passes = 0  # a resumed pass may have nothing left; two in a row means no data at all
@@ -309,17 +380,19 @@ class TrainLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Restart at the beginning of pass `epoch` (its own shard order and buffer permutation)."""
-        self.ready = []
+        self.ready, self.used = [], 0
         self._start_epoch(epoch)
 
     # --- checkpointing
 
     def _settings(self) -> dict[str, Any]:
-        names = ("max_length", "batch_size", "seed", "rank", "world_size", "workers", "packing", "shuffle_buffer")
+        names = ("max_length", "batch_size", "seed", "rank", "world_size", "workers", "packing", "shuffle_buffer",
+                 "data_format")
         return {name: getattr(self, name) for name in names}
 
     def state_dict(self) -> dict[str, Any]:
-        ready = torch.tensor(self.ready, dtype=torch.int32) if self.packing else _encode_rows(self.ready)
+        waiting = self.ready[self.used :]
+        ready = torch.tensor(waiting, dtype=torch.int32) if self.packing else _encode_rows(waiting)
         return {
             "settings": self._settings(),
             "epoch": self.epoch,
@@ -331,8 +404,8 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where `state` was taken; the loader settings must be the same."""
-        if state["settings"] != self._settings():
-            saved, here = state["settings"], self._settings()
+        saved, here = {"data_format": "text", **state["settings"]}, self._settings()  # older states: text
+        if saved != here:
             raise ValueError(f"data loader state was saved with {saved}, this loader has {here}")
         self._start_epoch(state["epoch"])
         self.stream_finished = state["stream_finished"]
@@ -340,6 +413,7 @@ class TrainLoader:
             self.loader.load_state_dict(state["loader"])
         self.buffer.load_state_dict(state["buffer"])
         self.ready = state["ready"].tolist() if self.packing else _decode_rows(state["ready"])
+        self.used = 0
 
 
 def build_train_loader(
@@ -354,17 +428,26 @@ def build_train_loader(
     workers: int = 0,
     packing: bool = False,
     shuffle_buffer: int = 10_000,
+    data_format: str = "auto",
 ) -> TrainLoader:
-    """The endless training loader of `rank` (see the module docstring for the pipeline)."""
+    """The endless training loader of `rank` (see the module docstring for the pipeline).
+
+    `seed` decides the data order only (shard order and shuffle buffer); the trainer passes --data_seed.
+    """
     _check_lengths(max_length=max_length, batch_size=batch_size, rank=rank, world_size=world_size)
     if workers < 0:
         raise ValueError(f"workers {workers}: must be >= 0")
     if shuffle_buffer < 1:
         raise ValueError(f"shuffle_buffer {shuffle_buffer}: must be >= 1 (1 = no document shuffling)")
+    data_format = check_data_source(data_dir, data_format)
+    if data_format == "tokens":  # rows come out of the shards as `tokenize` would make them
+        stream = token_shards.open_tokens(data_dir, "train", tokenizer=tokenizer, max_length=None if packing else max_length)
+    else:
+        stream = open_c4(data_dir, "train")
     # Shard order only: a one-document datasets buffer holds nothing that a checkpoint could lose.
-    stream = open_c4(data_dir, "train").shuffle(seed=seed, buffer_size=1, max_buffer_input_shards=1)
+    stream = stream.shuffle(seed=seed, buffer_size=1, max_buffer_input_shards=1)
     stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
-    documents = tokenize(stream, tokenizer, max_length=max_length, packing=packing)
+    documents = stream if data_format == "tokens" else tokenize(stream, tokenizer, max_length=max_length, packing=packing)
     return TrainLoader(
         documents,
         tokenizer=tokenizer,
@@ -376,4 +459,5 @@ def build_train_loader(
         workers=workers,
         packing=packing,
         shuffle_buffer=shuffle_buffer,
+        data_format=data_format,
     )

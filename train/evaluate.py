@@ -1,7 +1,19 @@
-"""Validation loss and perplexity: the token-weighted mean cross-entropy of PROTOCOL.md.
+"""Validation loss, perplexity and bits per byte: the token-weighted mean cross-entropy of PROTOCOL.md.
 
     loss = sum over every non-ignored target token t of -log p(t | its prefix)  /  number of such targets
     perplexity = exp(loss)
+    bits_per_byte = loss x targets / (ln 2 x UTF-8 bytes of the text evaluated)
+                  = (sum of -log2 p over the targets) / bytes
+
+Bits per byte does not depend on how a tokenizer cuts the text, so runs with different tokenizers
+compare. The bytes are those of the documents' text that the evaluated rows cover (`text_bytes` of
+train.data.iter_eval_batches): a document kept whole counts all of its text's UTF-8 bytes (whitespace
+the tokenizer drops, e.g. t5's newlines, included); a document truncated to max_length counts its text
+up to the end character of the last kept text token (the fast tokenizer's offsets), not the whitespace
+after it. Only rows that are scored count, so the bytes stop at the same batch as the targets. The
+first token of each row is context, not a target (t5 has no BOS), yet its bytes count: for C4 at
+max_length 256 that is a few bytes of about a thousand per row (bits per byte lower by well under 1%
+than if they were left out); the same for every model, so comparisons are unaffected.
 
 Targets are the next-token labels of each row (`labels[:, 1:]`, padding = -100 ignored), so a document
 of n tokens contributes n - 1 targets. With torch.distributed initialised, the two sums are all-reduced
@@ -26,11 +38,14 @@ from train.data import IGNORE_INDEX, iter_eval_batches
 
 @dataclass
 class EvalResult:
-    """Token-weighted validation loss (nats per token), its exp, and the number of targets scored."""
+    """Token-weighted validation loss (nats per token), its exp, the number of targets scored, bits per
+    byte and the UTF-8 bytes of the text those rows cover."""
 
     loss: float
     perplexity: float
     tokens: int
+    bits_per_byte: float
+    text_bytes: int
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -62,6 +77,7 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     lockstep: bool = False,
+    data_format: str = "auto",
 ) -> EvalResult:
     """Score the validation split (see the module docstring); the model's train/eval mode is restored.
 
@@ -72,7 +88,7 @@ def evaluate(
         raise ValueError(f"eval_tokens {eval_tokens}: must be at least 1")
     budget = math.ceil(eval_tokens / world_size)  # this rank's share of the targets
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0  # counted on the CPU copy of the labels: no device sync per batch
+    count, covered = 0, 0  # counted on the CPU copy of the labels: no device sync per batch
     was_training = model.training
     model.eval()
     try:
@@ -84,6 +100,7 @@ def evaluate(
                 batch_size=batch_size,
                 rank=rank,
                 world_size=world_size,
+                data_format=data_format,
             )
             batches = iter(batches)
             while True:
@@ -95,15 +112,18 @@ def evaluate(
                         break
                 elif batch is None:
                     break
-                loss_sum += batch_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+                loss_sum += batch_loss_sum(model, {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")})
                 count += count_targets(batch["labels"])
+                covered += int(batch["text_bytes"].sum())
     finally:
         model.train(was_training)
-    totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
+    counts = torch.tensor([float(count), float(covered)], dtype=torch.float64, device=device)  # exact below 2**53
+    totals = torch.cat([loss_sum.reshape(1), counts])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
-    tokens = int(totals[1].item())
-    if tokens == 0:
+    tokens, text_bytes = int(totals[1].item()), int(totals[2].item())
+    if tokens == 0 or text_bytes == 0:
         raise ValueError(f"validation data in {data_dir or 'the hub'} gave no target tokens at max_length {max_length}")
     loss = totals[0].item() / tokens
-    return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=tokens)
+    return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=tokens,
+                      bits_per_byte=totals[0].item() / (math.log(2) * text_bytes), text_bytes=text_bytes)

@@ -10,6 +10,7 @@ from train.build import build_optimizer
 from train.config import TrainConfig
 from train.memory import GB, estimate
 from train.model import build_model, parameter_counts
+from train.schedule import decay_steps
 
 
 _GROUP_SETTINGS = ("rank", "proj", "proj_type", "update_proj_gap", "scale", "scale_type", "scale_front", "alpha",
@@ -43,6 +44,13 @@ def _memory_modes(config: TrainConfig) -> str:
     return "; ".join(modes) or "none (full-precision weights, one optimizer step per update)"
 
 
+def _wsd_decay(config: TrainConfig) -> str:
+    """' (decay over the last D updates)' for --scheduler wsd, else ''."""
+    if config.scheduler != "wsd":
+        return ""
+    return f" (linear decay over the last {decay_steps(config.num_training_steps, config.decay_fraction):,} updates)"
+
+
 def describe(config: TrainConfig, world_size: int) -> list[str]:
     """Lines that describe the resolved run for `world_size` processes."""
     model = build_model(config.model_config, dtype=config.dtype, device="meta")
@@ -65,8 +73,8 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         f"memory modes: {_memory_modes(config)}",
         f"batch: {config.batch_size} sequences x {config.gradient_accumulation} accumulation x {processes} = "
         f"{config.total_batch_size} sequences x {config.max_length} tokens = {tokens_per_update:,} token slots per update",
-        f"schedule: {config.num_training_steps:,} updates ({config.warmup_steps:,} warmup, {config.scheduler} to "
-        f"{config.min_lr_ratio:g} x lr) = {config.num_training_steps * tokens_per_update / 1e9:.2f}B token slots; "
+        f"schedule: {config.num_training_steps:,} updates ({config.warmup_steps:,} warmup, {config.scheduler}"
+        f"{_wsd_decay(config)} to {config.min_lr_ratio:g} x lr) = {config.num_training_steps * tokens_per_update / 1e9:.2f}B token slots; "
         f"eval every {config.eval_every:,}, save every {config.save_every:,}",
         (f"memory of one unsharded replica (FSDP2 divides weights, gradients and most state by {world_size}; "
          f"not modelled) " if config.fsdp else "memory per process ")

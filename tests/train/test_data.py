@@ -1,9 +1,12 @@
-"""train.data: tokenisation and masking by hand, exact resume, workers and ranks without duplicates, epochs.
+"""train.data: tokenisation and masking by hand, exact resume, workers and ranks without duplicates, epochs,
+and --data_seed (the data order) apart from --seed (the initialisation) through the trainer.
 
 Small hand-made shards (written to tmp_path in the C4 file layout) make document identity checkable;
 the shared C4 sample checks the real pipeline. Everything runs offline.
 """
+import dataclasses
 import gzip
+import inspect
 import io
 import json
 import re
@@ -11,6 +14,9 @@ import re
 import pytest
 import torch
 
+from train import __main__ as trainer_cli
+from train import loop
+from train.config import TrainConfig
 from train.data import (
     build_train_loader,
     check_data_source,
@@ -126,8 +132,16 @@ def test_padding_truncation_and_label_masking_by_hand(tmp_path, tokenizer):
 
 
 def test_pad_documents_masks_only_padding(tokenizer):
-    batch = pad_documents([[5, 6, 1], [7, 1]], tokenizer, 4)
-    assert batch["labels"].tolist() == [[5, 6, 1, -100], [7, 1, -100, -100]]
+    rows = [[5, 6, 1], [7, 1], [8, 9, 10, 1]]
+    batch = pad_documents(rows, tokenizer, 4)
+    assert batch["labels"].tolist() == [[5, 6, 1, -100], [7, 1, -100, -100], [8, 9, 10, 1]]
+    # the tensors of the tokenizer's own right padding, dtypes included
+    reference = tokenizer.pad({"input_ids": rows}, padding="max_length", max_length=4, padding_side="right",
+                              return_tensors="pt")
+    for key in ("input_ids", "attention_mask"):
+        assert batch[key].dtype == reference[key].dtype == torch.int64 and torch.equal(batch[key], reference[key])
+    with pytest.raises(ValueError, match="a row of 4 tokens does not fit max_length 3"):
+        pad_documents(rows, tokenizer, 3)
 
 
 def test_packing_joins_documents_with_eos_and_cuts_full_rows(tmp_path, tokenizer):
@@ -263,3 +277,76 @@ def test_loading_a_state_of_other_settings_fails(c4_dir, tokenizer):
     other = build_train_loader(tokenizer=tokenizer, data_dir=c4_dir, max_length=16, batch_size=8)
     with pytest.raises(ValueError, match="'batch_size': 4"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("before", [4, 13])
+def test_resume_with_another_data_seed(numbered_dir, tokenizer, before):
+    def make():
+        return build_train_loader(tokenizer=tokenizer, data_dir=numbered_dir, max_length=8, batch_size=3, seed=7,
+                                  shuffle_buffer=8)
+
+    assert check_resume(make, before=before, after=5)["settings"]["seed"] == 7
+
+
+# ----------------------------------------------------------------------------- --data_seed and --seed
+
+
+TINY_LLAMA = {  # hidden 16, 1 layer; vocab 32128 covers t5-base's 32100 ids
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32128, "hidden_size": 16,
+    "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 1,
+    "max_position_embeddings": 16, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 1, "use_cache": False,
+}
+
+
+def test_data_seed_changes_the_order_and_seed_alone_does_not(numbered_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """Three 2-update runs: --seed 0 and 1 at the default --data_seed train on the same batches; --data_seed 7 not."""
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_LLAMA))
+    batches: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "c": []}
+    real_build, run = loop.build_train_loader, []
+
+    def recording(**kwargs):  # the loop's loader, recording every batch the loop takes from it
+        loader, seen = real_build(**kwargs), batches[run[-1]]
+
+        class Recorded:
+            state_dict, load_state_dict = loader.state_dict, loader.load_state_dict
+
+            def __iter__(self):
+                for batch in loader:
+                    seen.append(batch["input_ids"].clone())
+                    yield batch
+        return Recorded()
+
+    monkeypatch.setattr(loop, "build_train_loader", recording)
+    for name, flags in {"a": [], "b": ["--seed", "1"], "c": ["--data_seed", "7"]}.items():
+        run.append(name)
+        argv = ["--model_config", str(tmp_path / "tiny.json"), "--data_dir", str(numbered_dir), "--tokenizer",
+                str(tokenizer_dir), "--max_length", "8", "--batch_size", "4", "--num_training_steps", "2",
+                "--warmup_steps", "0", "--eval_tokens", "10", "--workers", "0", "--dtype", "float32",
+                "--wandb", "disabled", "--save_dir", str(tmp_path / name), *flags]
+        assert trainer_cli.main(argv) == 0
+    a, b, c = (torch.stack(batches[name]) for name in "abc")
+    assert a.shape == (2, 4, 8) and torch.equal(a, b) and not torch.equal(a, c)
+    configs = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in "abc"}
+    assert [(configs[n]["seed"], configs[n]["data_seed"]) for n in "abc"] == [(0, 42), (1, 42), (0, 7)]
+    losses = {n: json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0])["loss"] for n in "abc"}
+    assert losses["a"] != losses["b"]  # same batches, other initialisation
+
+
+def test_the_seed_orders_the_shards_and_the_buffer(numbered_dir, tokenizer):
+    """shuffle_buffer 1 leaves only the shard order: documents 10s..10s+9 in file order, shards permuted by the seed."""
+    def shard_order(seed, shuffle_buffer=1):
+        loader = build_train_loader(tokenizer=tokenizer, data_dir=numbered_dir, max_length=8, batch_size=10, seed=seed,
+                                    shuffle_buffer=shuffle_buffer)
+        return document_numbers(take(loader, 4), tokenizer)
+
+    orders = {seed: shard_order(seed) for seed in (42, 7)}
+    for numbers in orders.values():  # whole shards, each in file order
+        assert [numbers[i : i + 10] for i in range(0, 40, 10)] == [list(range(n - n % 10, n - n % 10 + 10))
+                                                                    for n in numbers[::10]]
+    assert orders[42][::10] != orders[7][::10]
+    assert shard_order(42, shuffle_buffer=8) != orders[42]  # the buffer permutes documents as well
+
+
+def test_default_data_seed_is_the_order_of_earlier_runs():
+    default = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}["data_seed"]
+    assert default == inspect.signature(build_train_loader).parameters["seed"].default == 42

@@ -2,7 +2,8 @@
 
 The direct computation reads the validation shard with gzip/json (not datasets), tokenises each document
 on its own and takes transformers' own per-document mean loss, so it shares no code with the evaluator
-beyond the tokenizer and the model.
+beyond the tokenizer and the model. Bits per byte: a uniform model on hand-counted texts, and each row's
+bytes re-derived from the tokenizer's offsets.
 """
 import gzip
 import json
@@ -17,7 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from train.data import load_tokenizer
+from train.data import iter_eval_batches, load_tokenizer
 from train.evaluate import evaluate
 from train.model import build_model
 
@@ -112,6 +113,8 @@ def test_rank_shares_combine_to_the_single_process_result(model, tokenizer, smal
     combined = sum(p.loss * p.tokens for p in parts) / whole.tokens
     assert abs(combined - whole.loss) < 1e-6  # other batch shapes: float32 rounding only
     assert parts[0].loss != parts[1].loss  # each rank really scored different documents
+    assert whole.text_bytes == sum(p.text_bytes for p in parts)  # bits per byte: from the summed nats and bytes
+    assert whole.bits_per_byte == pytest.approx(combined * whole.tokens / (math.log(2) * whole.text_bytes), rel=1e-6)
 
 
 def test_train_or_eval_mode_is_restored(model, tokenizer, small_dir):
@@ -147,7 +150,7 @@ def test_distributed_sums_are_all_reduced(model, tokenizer, small_dir, tokenizer
         f"""
         import json, sys, torch, torch.distributed as dist
         from tests.train.test_evaluate import tiny_model
-        from train.data import load_tokenizer
+        from train.data import iter_eval_batches, load_tokenizer
         from train.evaluate import evaluate
         dist.init_process_group("gloo")
         rank = dist.get_rank()
@@ -174,3 +177,49 @@ def test_distributed_sums_are_all_reduced(model, tokenizer, small_dir, tokenizer
 def test_bad_eval_tokens(model, tokenizer, c4_dir):
     with pytest.raises(ValueError, match="eval_tokens 0"):
         evaluate(model, tokenizer=tokenizer, data_dir=c4_dir, max_length=MAX_LENGTH, batch_size=8, eval_tokens=0)
+
+
+# ----------------------------------------------------------------------------- bits per byte
+
+
+def write_validation(folder, texts):
+    (folder / "c4-train.00000-of-00001.json.gz").write_bytes(gzip.compress(b'{"text": "x"}\n'))
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    (folder / "c4-validation.00000-of-00001.json.gz").write_bytes(gzip.compress(lines.encode()))
+    return folder
+
+
+def test_bits_per_byte_of_a_uniform_model_by_hand(tokenizer, tmp_path):
+    """A model whose logits are all 0 gives every target -ln p = ln V, so bits per byte = log2(V) x targets / bytes."""
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    texts = ["Hello world", "é " * 100, "café au\nlait"]
+    # Hello world: ▁Hello ▁world </s>           -> 2 targets, 11 bytes (the whole text)
+    # "é " * 100: 201 ids truncated to 31 + </s> -> 31 targets; the kept pieces ▁ é ... ▁ end at character 31
+    #                                              = 16 x "é" (2 bytes) + 15 spaces = 47 bytes
+    # café au\nlait: ▁café ▁au ▁la it </s>       -> 4 targets, 13 bytes (é is 2; the dropped newline counts)
+    targets, text_bytes = 2 + 31 + 4, 11 + 47 + 13
+    result = evaluate(model, tokenizer=tokenizer, data_dir=write_validation(tmp_path, texts), max_length=MAX_LENGTH,
+                      batch_size=2)
+    assert (result.tokens, result.text_bytes) == (targets, text_bytes)
+    assert result.loss == pytest.approx(math.log(32100), rel=1e-6)
+    assert result.bits_per_byte == pytest.approx(math.log2(32100) * targets / text_bytes, rel=1e-6)
+    assert result.bits_per_byte == pytest.approx(result.loss * result.tokens / (math.log(2) * result.text_bytes), rel=1e-12)
+
+
+def test_text_bytes_are_those_of_the_covered_text_on_c4(tokenizer, small_dir):
+    """Each row's bytes, re-derived: the whole text if it fits, else the text up to the last kept piece's end."""
+    texts = validation_texts(small_dir)
+    expected = []
+    for text in texts:
+        full = tokenizer(text, return_offsets_mapping=True)
+        if len(full["input_ids"]) <= MAX_LENGTH:
+            expected.append(len(text.encode("utf-8")))
+        else:
+            expected.append(len(text[: full["offset_mapping"][MAX_LENGTH - 2][1]].encode("utf-8")))
+    batches = list(iter_eval_batches(tokenizer=tokenizer, data_dir=small_dir, max_length=MAX_LENGTH, batch_size=5))
+    assert torch.cat([b["text_bytes"] for b in batches]).tolist() == expected
+    rows = [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+    assert rows == [tokenizer(t, max_length=MAX_LENGTH, truncation=True)["input_ids"] for t in texts]
+    assert sum(len(tokenizer(t)["input_ids"]) > MAX_LENGTH for t in texts) >= 20  # truncation is the common case
