@@ -49,13 +49,10 @@ MODES: dict[str, dict[str, str]] = {
     "weight_quant": {
         "adamw": "torch.optim.AdamW cannot update int8 weights",
         "muon": "Newton-Schulz on re-quantised int8 weights is not a published method",
-        "adam_mini": "Adam-mini has no int8 weight path",
         "soap": "SOAP has no int8 weight path",
         "adamw8bit": "8-bit AdamW quantises states, not weights; it cannot update int8 weights",
     },
-    "layerwise": {
-        "muon": "the Muon + AdamW composite is not split per parameter",
-    },
+    "layerwise": {},
     "fsdp": {
         "soap": "SOAP's preconditioners need whole matrices (no gathered update yet)",
         "adamw8bit": "bitsandbytes' 8-bit states do not shard as DTensors",
