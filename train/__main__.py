@@ -1,100 +1,38 @@
 """`python -m train ...` and `torchrun --nproc_per_node N -m train ...`: flags -> checks -> the loop.
 
-Every bad flag or combination fails here, before the model is built or training data is read, with
-exit code 2 and one line on stderr that says what to change. A NaN/inf loss (with --nan_policy stop)
-exits 1 naming the update; a finished run, and a run stopped by SIGTERM/SIGINT after saving, exit 0.
+Every bad flag, combination, file or checkpoint fails before the run folder, wandb or a process group
+exists: `resolve` checks every value by its field's domain (train/config.py), `preflight` every file
+(train/preflight.py); exit code 2 and one line on stderr that says what to change. Later failures
+are one line too: a checkpoint damaged past the preflight's checks (a CRC-32 mismatch found while
+loading) exits 2; a NaN/inf loss (with --nan_policy stop) exits 1 naming the update; a save that failed
+(a full disk, a write error) exits 1 saying so, its temporary folder removed and the previous
+checkpoint untouched. A finished run, and a run stopped by SIGTERM/SIGINT after saving, exit 0.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import sys
-from pathlib import Path
-from typing import Any
 
-from train.build import build_optimizer, quantize
-from train.checkpoint import checkpoint_world_size, find_checkpoint
-from train.config import ConfigError, TrainConfig, parse_args, resolve
+from train.checkpoint import DISK_FULL_ERRNOS, CheckpointError, CheckpointSaveError, newest_checkpoint
+from train.config import ConfigError, parse_args, resolve
 from train.distributed import broadcast_object, env_world, setup, teardown
-
-# Settings that may change between a run and its resumption without a warning.
-_RESUMABLE_CHANGES = {"continue_from", "save_dir", "name", "project", "entity", "wandb", "workers", "eval_every",
-                      "save_every", "log_every", "eval_tokens", "eval_batch_size", "nan_policy"}
-# Settings that decide the layout of a checkpoint's weights and optimizer state: a resume must keep them.
-_LAYOUT_SETTINGS = ("weight_quant", "weight_group_size", "layerwise")
-_DEFAULTS = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig) if spec.default is not dataclasses.MISSING}
+from train.preflight import preflight
 
 
-def preflight(config: TrainConfig, world_size: int) -> tuple[Any, list[str]]:
-    """The checks that read files, cheap ones first; returns (tokenizer, warnings). Raises ConfigError."""
-    from train.data import check_data_source, load_tokenizer
-    from train.model import build_model, load_llama_config
-
-    if not Path(config.model_config).is_file():
-        raise ConfigError(f"--model_config {config.model_config}: no such file (try configs/llama_60m.json)")
-    try:
-        llama_config = load_llama_config(config.model_config)
-    except ValueError as error:
-        raise ConfigError(f"--model_config: {error}") from None
-
-    warnings: list[str] = []
-    if config.continue_from is not None:
-        try:
-            checkpoint = find_checkpoint(config.continue_from)
-        except ValueError as error:
-            raise ConfigError(f"--continue_from: {error}") from None
-        saved_ranks = checkpoint_world_size(checkpoint)
-        if saved_ranks != world_size:
-            raise ConfigError(f"--continue_from {checkpoint} was written by {saved_ranks} processes; "
-                              f"resume it with {saved_ranks}, not {world_size}")
-        saved = json.loads((checkpoint / "config.json").read_text())
-        saved = {**_DEFAULTS, **saved}  # a flag newer than the checkpoint had its default there
-        layout_keys = _LAYOUT_SETTINGS if config.weight_quant else ("weight_quant", "layerwise")
-        for key in layout_keys:  # they change what model.safetensors / optimizer.pt hold
-            if saved.get(key) != getattr(config, key):
-                raise ConfigError(f"--continue_from {checkpoint} was saved with --{key} {saved.get(key)}; resume it with "
-                                  f"the same setting (got {getattr(config, key)})")
-        changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in config.to_dict().items()
-                   if key not in _RESUMABLE_CHANGES and saved.get(key) != value]
-        if changed:
-            warnings.append(f"resuming {checkpoint} with changed settings: {', '.join(changed)}")
-
-    try:
-        check_data_source(config.data_dir)
-    except ValueError as error:
-        raise ConfigError(f"--data_dir: {error}") from None
-
-    meta_model = build_model(llama_config, dtype=config.dtype, device="meta")
-    try:  # int8 groups must divide every attention/MLP weight
-        quantize(meta_model, config)
-    except ValueError as error:
-        raise ConfigError(f"--weight_group_size {config.weight_group_size}: {error}") from None
-    try:  # the optimizer's own checks (rank, scale, ...) on a weightless copy of the model
-        build_optimizer(meta_model, config)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"--optimizer {config.optimizer}: {error}") from None
-
-    if config.wandb == "online" and not config.dry_run:
-        import wandb
-        if not wandb.login(prompt=False, verify=False):
-            raise ConfigError("--wandb online needs a W&B login: run `wandb login` or set WANDB_API_KEY, "
-                              "or pass --wandb offline")
-
-    try:
-        tokenizer = load_tokenizer(config.tokenizer)
-    except ValueError as error:
-        raise ConfigError(f"--tokenizer: {error}") from None
-    return tokenizer, warnings
+def one_line(text: str) -> str:
+    """`text` on one line: a line break inside a value or a library's message is shown as \\n."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, check, train; returns the process exit code."""
     rank, _, world_size = env_world()
-    say = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)
+    say = (lambda line: print(one_line(line), file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)
     try:
         config, warnings = resolve(parse_args(argv), world_size)
-        tokenizer, more_warnings = preflight(config, world_size)
-    except ConfigError as error:
+        config, tokenizer, more_warnings = preflight(config, world_size)
+    except (ConfigError, CheckpointError) as error:
         say(f"error: {error}")
         return 2
     for warning in warnings + more_warnings:
@@ -113,8 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         # Every rank trains into rank 0's folder (a default save_dir holds a timestamp).
         save_dir, name = broadcast_object((config.save_dir, config.name))
         return train(dataclasses.replace(config, save_dir=save_dir, name=name), ctx, tokenizer)
-    except NonFiniteLossError as error:
+    except CheckpointError as error:  # found while loading: a CRC-32 mismatch, a file that does not load
+        say(f"error: --continue_from: {error}")
+        return 2
+    except (NonFiniteLossError, CheckpointSaveError) as error:
         say(f"error: {error}")
+        return 1
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        newest = newest_checkpoint(config.save_dir)
+        say(f"error: the disk is full ({os.strerror(error.errno)}: {error.filename or 'writing the run folder'}); "
+            + (f"the newest complete checkpoint is {newest}: free space, then resume with --continue_from {config.save_dir}"
+               if newest else "no checkpoint was saved yet"))
         return 1
     finally:
         teardown()
