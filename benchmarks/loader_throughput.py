@@ -15,7 +15,7 @@ positions/s exceed the model's.
 
 Without --token_dir the json folder is pretokenized into a temporary folder first (its rate is printed).
 The rates include the epoch boundaries the timed batches cross (a new pass starts new workers and
-refills the buffer), as training would. `--copies N` (default 8) reads
+refills the buffer), as training would. `--copies N` (default 32) reads
 every train shard N times, as N shards of its own (symlinks, in a temporary folder), so that an epoch is
 N times longer and up to N workers have a shard to read; the local sample is a single shard.
 """
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_steps", type=int, default=5, help="timed steps after 2 warm-up steps")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation of the derived A100 rate")
-    parser.add_argument("--copies", type=int, default=8, help="read each train shard as this many shards (1: as is)")
+    parser.add_argument("--copies", type=int, default=32, help="read each train shard as this many shards (1: as is)")
     return parser.parse_args(argv)
 
 
