@@ -10,6 +10,7 @@ too, text_bytes included.
 """
 import gzip
 import json
+import math
 import re
 from pathlib import Path
 
@@ -271,3 +272,29 @@ def test_derived_a100_rate_of_llama_60m():
     assert matmul == 8 * (4 * 512 * 512 + 3 * 512 * 1376) + 32000 * 512 == 41_680_896
     assert flops == 6 * 41_680_896 + 12 * 8 * 256 * 512
     assert 0.4 * loader_throughput.A100_BF16_PEAK / flops == pytest.approx(475_124, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- through the trainer
+
+
+def test_a_run_on_token_shards_equals_the_run_on_json(folders, tokenizer_dir, tmp_path):
+    """Two 3-update runs, json and token folder: the same losses, eval loss and bits per byte in metrics.jsonl."""
+    from tests.train.test_data import TINY_LLAMA
+
+    json_dir, token_dir = folders
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_LLAMA))
+    metrics = {}
+    for name, data_dir in (("json", json_dir), ("tokens", token_dir)):
+        argv = ["--model_config", str(tmp_path / "tiny.json"), "--data_dir", str(data_dir), "--tokenizer",
+                str(tokenizer_dir), "--max_length", "8", "--batch_size", "4", "--num_training_steps", "3",
+                "--warmup_steps", "0", "--lr", "0.01", "--eval_tokens", "1000", "--workers", "0", "--dtype", "float32",
+                "--wandb", "disabled", "--save_dir", str(tmp_path / name)]
+        assert trainer_cli.main(argv) == 0
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        metrics[name] = ([m["loss"] for m in lines if "loss" in m], [m for m in lines if "eval/loss" in m][-1])
+    assert len(metrics["json"][0]) == 3 and metrics["json"][0] == metrics["tokens"][0]
+    (_, json_eval), (_, token_eval) = metrics["json"], metrics["tokens"]
+    for key in ("eval/loss", "eval/perplexity", "eval/bits_per_byte", "eval/tokens", "eval/text_bytes"):
+        assert json_eval[key] == token_eval[key], key
+    nats = json_eval["eval/loss"] * json_eval["eval/tokens"]
+    assert json_eval["eval/bits_per_byte"] == pytest.approx(nats / (math.log(2) * json_eval["eval/text_bytes"]), rel=1e-12)
