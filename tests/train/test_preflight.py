@@ -311,6 +311,9 @@ COMBINATIONS = [  # (flags, world size, the error)
     ({"--scheduler": "wsd", "--decay_fraction": "0.9", "--warmup_steps": "2"}, 1, "--scheduler wsd: the decay"),
     ({"--data_format": "tokens"}, 1, "--data_dir"),
     ({"--seed": str(2**32)}, 1, "--seed must be in [0, 4294967295], got 4294967296"),
+    ({"--lr": "nan"}, 1, "--lr must be a finite number, got nan"),
+    ({"--weight_decay": "1e999"}, 1, "--weight_decay must be a finite number, got inf"),
+    ({"--max_train_tokens": "10000000000B"}, 1, "--max_train_tokens 10000000000000000000 does not fit in 64 bits"),
     ({"--name": ""}, 1, "--name must not be empty"),
     ({"--project": "a\nb"}, 1, "--project 'a\\nb' holds a control character"),
 ]
