@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from itertools import chain
 from typing import Any, Iterable
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import quant, sharded
+from .state_dtypes import restore_saved_dtypes, state_dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +122,7 @@ def adam_mini_update(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Te
 
 # ---------------------------------------------------------------------------------- the optimizer
 def _state_dtype_name(state_dtype: torch.dtype | str | None) -> str | None:
-    if isinstance(state_dtype, torch.dtype):
-        state_dtype = str(state_dtype).removeprefix("torch.")
-    if state_dtype not in STATE_DTYPES:
-        raise ValueError(f"state_dtype must be None (follow the gradient) or 'float32', got {state_dtype!r}")
-    return state_dtype
+    return state_dtype_name(state_dtype, STATE_DTYPES, who="AdamMini")
 
 
 class AdamMini(Optimizer):
@@ -245,12 +241,7 @@ class AdamMini(Optimizer):
         """Load a state dict; floating state keeps the dtype it was saved in (torch would cast float32
         moments of a bf16 weight to bf16)."""
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
-        params = chain.from_iterable(group["params"] for group in self.param_groups)
-        for saved_id, param in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+        restore_saved_dtypes(self, state_dict)
 
 
 def _check_hyperparameters(*, lr, betas, eps, weight_decay, where: str) -> None:

@@ -28,7 +28,6 @@ Deliberate differences from the published ``apollo-torch`` package (see ALGORITH
 """
 from __future__ import annotations
 
-from itertools import chain
 from typing import Any, Iterable
 
 import torch
@@ -40,19 +39,16 @@ from . import quant
 from . import sharded
 from .projection import (PROJ_TYPES, RIGHT, advance_seed, projected_shape, projection_shape, projection_side,
                          random_projection, svd_projection)
+from .state_dtypes import STATE_DTYPES as ALL_STATE_DTYPES, restore_saved_dtypes, state_dtype_name
 
 PROJ_KINDS = ("random", "svd")
 SCALE_TYPES = ("channel", "tensor")
-STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATE_DTYPES = {name: dtype for name, dtype in ALL_STATE_DTYPES.items() if name != "float64"}
 
 
 def _state_dtype_name(state_dtype: torch.dtype | str | None) -> str | None:
     """Normalise a state dtype to a string (kept in param groups so that state dicts stay plain)."""
-    if isinstance(state_dtype, torch.dtype):
-        state_dtype = str(state_dtype).removeprefix("torch.")
-    if state_dtype not in STATE_DTYPES:
-        raise ValueError(f"state_dtype must be None (follow the parameter) or one of float32/bfloat16/float16, got {state_dtype!r}")
-    return state_dtype
+    return state_dtype_name(state_dtype, STATE_DTYPES)
 
 
 class _LowRankAdam(Optimizer):
@@ -197,12 +193,7 @@ class _LowRankAdam(Optimizer):
         float32 moments of a bfloat16 weight (``state_dtype="float32"``) and the float32 limiter norm.
         """
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
-        params = chain.from_iterable(group["params"] for group in self.param_groups)
-        for saved_id, param in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+        restore_saved_dtypes(self, state_dict)
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-from itertools import chain
 from typing import Any, Iterable
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import quant, sharded
+from .state_dtypes import restore_saved_dtypes
 from .optimizer import STATE_DTYPES, _state_dtype_name
 
 logger = logging.getLogger(__name__)
@@ -202,12 +202,7 @@ class SCALE(Optimizer):
         """Load a state dict; floating state tensors keep the dtype they were saved in (torch would cast
         float32 states of a bfloat16 weight to bfloat16)."""
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
-        params = chain.from_iterable(group["params"] for group in self.param_groups)
-        for saved_id, param in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+        restore_saved_dtypes(self, state_dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset ``.grad`` as torch does, and drop ``float_grad`` of int8 weights."""

@@ -7,7 +7,6 @@ r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner (arXiv 2409.11321),
 from __future__ import annotations
 
 import logging
-from itertools import chain
 from typing import Any, Iterable
 
 import torch
@@ -16,26 +15,17 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from . import quant, sharded
+from .state_dtypes import STATE_DTYPES as ALL_STATE_DTYPES, restore_saved_dtypes, state_dtype_name
 
 logger = logging.getLogger(__name__)
 
 #: The option keys `build` accepts (every one has a default in `SOAP.__init__`).
 OPTIONS = frozenset({"betas", "eps", "shampoo_beta", "precondition_frequency", "max_precond_dim", "state_dtype"})
 
-STATE_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}
-
-
 def _state_dtype_name(state_dtype: torch.dtype | str | None) -> str | None:
-    if isinstance(state_dtype, torch.dtype):
-        state_dtype = str(state_dtype).removeprefix("torch.")
-    if state_dtype not in STATE_DTYPES:
-        raise ValueError(f"SOAP: state_dtype must be None (follow the parameter) or one of "
-                         f"{', '.join(k for k in STATE_DTYPES if k)}, got {state_dtype!r}")
-    return state_dtype
+    return state_dtype_name(state_dtype, who="SOAP")
 
 
-# ----------------------------------------------------------------------------------------- the math
 def eigenbasis(mat: torch.Tensor) -> torch.Tensor:
     """Eigenvectors of the symmetric `mat` as columns, in descending order of eigenvalue
     (``torch.linalg.eigh``'s ascending order reversed). On the meta device: an empty matrix of the shape."""
@@ -245,7 +235,7 @@ class SOAP(Optimizer):
     @staticmethod
     def _dtypes(group: dict[str, Any], param: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
         """(state dtype, compute dtype): the state dtype promoted to at least float32."""
-        state_dtype = STATE_DTYPES[group["state_dtype"]] or param.dtype
+        state_dtype = ALL_STATE_DTYPES[group["state_dtype"]] or param.dtype
         return state_dtype, torch.promote_types(state_dtype, torch.float32)
 
     @staticmethod
@@ -276,12 +266,7 @@ class SOAP(Optimizer):
         """Load a state dict; floating state tensors keep the dtype they were saved in (torch would cast
         them to the parameter's dtype, rounding float32 state of a bf16 weight)."""
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
-        params = chain.from_iterable(group["params"] for group in self.param_groups)
-        for saved_id, param in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+        restore_saved_dtypes(self, state_dict)
 
     # ----------------------------------------------------------------------------------- step
     @torch.no_grad()

@@ -53,12 +53,26 @@ def test_none_options_mean_preset(tiny_llama):
 
 
 def test_build_optimizer_rejects_unknown_names_and_options(tiny_llama):
-    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose one of: adamw, apollo, apollo_mini, apollo_svd, galore, apollo_adamw, galore_adamw"):
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose one of: adamw, apollo, apollo_mini, apollo_svd, "
+                                         "galore, fira, scale, muon, adam_mini, soap, adamw8bit, apollo_adamw, "
+                                         "galore_adamw, fira_adamw, scale_sgd"):
         apollo.build_optimizer("sgd", tiny_llama, lr=0.01)
     with pytest.raises(ValueError, match="optimizer 'galore' does not take option\\(s\\) scale_type"):
         apollo.build_optimizer("galore", tiny_llama, lr=0.01, scale_type="tensor")
     with pytest.raises(ValueError, match="optimizer 'adamw' does not take option\\(s\\) rank"):
         apollo.build_optimizer("adamw", tiny_llama, lr=0.01, rank=4)
+
+
+def test_registry_aliases_and_peer_options(tiny_llama):
+    assert apollo.canonical_name("SCALE_SGD") == "scale" and apollo.canonical_name("fira_adamw") == "fira"
+    with pytest.raises(ValueError, match="optimizer 'muon' does not take option\\(s\\) rank"):
+        apollo.build_optimizer("muon", tiny_llama, lr=0.01, rank=4)
+    with pytest.raises(ValueError, match="optimizer 'scale' does not take option\\(s\\) alpha"):
+        apollo.build_optimizer("scale", tiny_llama, lr=0.01, alpha=0.5)
+    # each entry's builder returns the class its summary names
+    kinds = {name: type(apollo.build_optimizer(name, tiny_llama, lr=0.01)).__name__
+             for name in ("fira", "scale", "muon", "adam_mini", "soap")}
+    assert kinds == {"fira": "Fira", "scale": "SCALE", "muon": "MuonAdamW", "adam_mini": "AdamMini", "soap": "SOAP"}
 
 
 def test_default_rank_needs_a_hidden_size():
