@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +27,7 @@ import torch
 import apollo
 from apollo.layerwise import check_layerwise
 from apollo.quant import SUPPORTED_BITS
+from train.schedule import decay_steps
 from train import optimizer_flags
 from train.optimizer_flags import optimizer_options  # noqa: F401  (re-exported: the trainer's options for the registry)
 
@@ -40,12 +43,19 @@ def parse_tokens(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a token count; write e.g. 5000, 100M or 1.3B")
     number, suffix = match.groups()
     multiplier = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[suffix.lower()]
-    return round(float(number.replace("_", "")) * multiplier)
+    return round(Fraction(number.replace("_", "")) * multiplier)  # exact: no float round-off, no overflow
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, parse=None) -> Any:
-    """A TrainConfig field: its default, its documentation and (optionally) its allowed values or parser."""
-    return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, parse=None, low: float | None = None,
+           high: float | None = None, above: float | None = None, below: float | None = None) -> Any:
+    """A TrainConfig field: its default, its documentation and (optionally) its allowed values or parser.
+
+    The domain of a numeric field: `low <= value <= high`, `above < value < below` (any of them may be
+    left out). `check_domains` enforces it, with the type's own domain (finite floats, 64-bit ints,
+    strings neither empty nor holding control characters), for every field before anything else.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "parse": parse, "low": low, "high": high,
+                                            "above": above, "below": below})
 
 
 @dataclass
@@ -57,61 +67,71 @@ class TrainConfig:
     tokenizer: str = option("t5-base", "tokenizer name or local folder (AutoTokenizer.from_pretrained)")
     data_dir: Optional[str] = option(
         None, "folder of C4 json.gz shards (c4-train.*, c4-validation.*); unset streams allenai/c4 from the hub")
-    max_length: int = option(256, "tokens per sequence (truncate and pad to this length)")
+    max_length: int = option(256, "tokens per sequence (truncate and pad to this length)", low=2)
     packing: bool = option(False, "concatenate documents with eos and cut full sequences (default: one padded document per sequence)")
-    workers: int = option(8, "data loader worker processes per rank")
+    workers: int = option(8, "data loader worker processes per rank", low=0)
+    data_format: str = option("auto", "data_dir holds C4 json shards (text) or token shards of python -m train.pretokenize "
+                                      "(tokens); auto: tokens when data_dir is such a folder", choices=("auto", "text", "tokens"))
+    data_seed: int = option(42, "seed of the data order (shard order and document shuffle buffer), apart from --seed; "
+                                "42 is the fixed order of runs made before this flag", low=0, high=2**32 - 1)
 
     # -- batch: batch_size x gradient_accumulation x world size == total_batch_size ----------------
-    batch_size: Optional[int] = option(None, "micro-batch per process, in sequences")
-    gradient_accumulation: Optional[int] = option(None, "micro-batches per update (derived from the other two if unset)")
-    total_batch_size: Optional[int] = option(None, "sequences per update over all processes (derived if unset)")
-    eval_batch_size: Optional[int] = option(None, "validation micro-batch per process (default: --batch_size)")
+    batch_size: Optional[int] = option(None, "micro-batch per process, in sequences", low=1)
+    gradient_accumulation: Optional[int] = option(None, "micro-batches per update (derived from the other two if unset)", low=1)
+    total_batch_size: Optional[int] = option(None, "sequences per update over all processes (derived if unset)", low=1)
+    eval_batch_size: Optional[int] = option(None, "validation micro-batch per process (default: --batch_size)", low=1)
 
     # -- schedule --------------------------------------------------------------------------------
-    lr: float = option(1e-4, "peak learning rate")
-    scheduler: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
-    warmup_steps: int = option(1000, "updates of linear warmup from lr 0")
-    num_training_steps: int = option(10_000, "number of optimizer updates (exactly this many)")
+    lr: float = option(1e-4, "peak learning rate", low=0.0)
+    scheduler: str = option("cosine", "decay after warmup; wsd: warmup, constant peak, linear decay over the last "
+                                      "--decay_fraction of the updates", choices=("cosine", "linear", "constant", "wsd"))
+    warmup_steps: int = option(1000, "updates of linear warmup from lr 0", low=0)
+    num_training_steps: int = option(10_000, "number of optimizer updates (exactly this many)", low=1)
     max_train_tokens: Optional[int] = option(
         None, "train on this many tokens instead (K/M/B suffixes): num_training_steps = tokens // (total_batch_size x max_length)",
-        parse=parse_tokens)
-    min_lr_ratio: float = option(0.1, "final lr as a fraction of the peak, in [0, 1]")
+        parse=parse_tokens, low=1)
+    min_lr_ratio: float = option(0.1, "final lr as a fraction of the peak, in [0, 1]", low=0.0, high=1.0)
+    decay_fraction: float = option(0.2, "--scheduler wsd: fraction of the updates in the final decay, in (0, 1]; "
+                                        "round(fraction x num_training_steps) updates, at least 1", above=0.0, high=1.0)
 
     # -- optimizer -------------------------------------------------------------------------------
     optimizer: str = option("adamw", "one of apollo.optimizer_names(): adamw | apollo | apollo_mini | apollo_svd | galore | "
                                      "fira | scale | muon | adam_mini | soap | adamw8bit (aliases apollo_adamw, galore_adamw, "
                                      "fira_adamw, scale_sgd)")
-    weight_decay: float = option(0.0, "decoupled weight decay")
-    beta1: Optional[float] = option(None, "first-moment decay, passed to every optimizer (default: the optimizer's; 0.9, SOAP 0.95)")
+    weight_decay: float = option(0.0, "decoupled weight decay", low=0.0)
+    beta1: Optional[float] = option(None, "first-moment decay, passed to every optimizer (default: the optimizer's; 0.9, "
+                                          "SOAP 0.95)", low=0.0, below=1.0)
     beta2: Optional[float] = option(None, "second-moment decay, passed to every optimizer (default: the optimizer's; 0.999, "
-                                          "SOAP 0.95)")
+                                          "SOAP 0.95)", low=0.0, below=1.0)
     eps: Optional[float] = option(None, "epsilon of the second moment (default: the optimizer's; 1e-6 APOLLO/GaLore/Fira, "
-                                        "1e-8 AdamW and the others)")
-    grad_clipping: float = option(0.0, "clip the global gradient norm to this value; 0 turns clipping off")
-    rank: Optional[int] = option(None, "projection rank of low-rank optimizers (default: the preset's; hidden/4, Mini 1)")
-    update_proj_gap: Optional[int] = option(None, "updates between projection refreshes, T (default 200)")
+                                        "1e-8 AdamW and the others)", above=0.0)
+    grad_clipping: float = option(0.0, "clip the global gradient norm to this value; 0 turns clipping off", low=0.0)
+    rank: Optional[int] = option(None, "projection rank of low-rank optimizers (default: the preset's; hidden/4, Mini 1)", low=1)
+    update_proj_gap: Optional[int] = option(None, "updates between projection refreshes, T (default 200)", low=1)
     proj: Optional[str] = option(None, "APOLLO projection (default: the preset's)", choices=("random", "svd"))
     proj_type: Optional[str] = option(None, "which side to project (default std)", choices=("std", "reverse_std", "left", "right"))
     scale_type: Optional[str] = option(None, "APOLLO scaling granularity (default: the preset's)", choices=("channel", "tensor"))
-    apollo_scale: Optional[float] = option(None, "APOLLO scale c; the update is multiplied by sqrt(c) (default: the preset's, 1 or Mini 128)")
-    galore_scale: Optional[float] = option(None, "GaLore update scale (default 0.25)")
+    apollo_scale: Optional[float] = option(None, "APOLLO scale c; the update is multiplied by sqrt(c) (default: the preset's, "
+                                                 "1 or Mini 128)", above=0.0)
+    galore_scale: Optional[float] = option(None, "GaLore update scale (default 0.25)", above=0.0)
     scale_front: bool = option(False, "APOLLO: apply sqrt(scale) before the norm-growth limiter")
     fira_alpha: Optional[float] = option(None, "Fira: scale alpha of the low-rank update and its residual (default 0.25; "
-                                               "0.0625 published at 1B/7B)")
+                                               "0.0625 published at 1B/7B)", above=0.0)
     fira_paper_form: bool = option(False, "Fira: the paper's residual phi (I - PP^T) G with alpha on both terms "
                                           "(default: the published code's phi (G - alpha PR))")
     adam_lr: Optional[float] = option(None, "peak lr of the AdamW part: SCALE's norms (default 0.02, published 60M-350M; "
-                                            "1e-3 at 1B/7B), Muon's embeddings/lm_head/norms (default --lr)")
-    scale_momentum: Optional[float] = option(None, "SCALE: momentum of the lm_head (default 0.9)")
+                                            "1e-3 at 1B/7B), Muon's embeddings/lm_head/norms (default --lr)", above=0.0)
+    scale_momentum: Optional[float] = option(None, "SCALE: momentum of the lm_head (default 0.9)", low=0.0, below=1.0)
     scale_norm: Optional[str] = option(None, "SCALE: normalise rows/columns by their rms (default, the published code) or "
                                              "by their L2 norm (the paper's text)", choices=("rms", "l2"))
-    muon_momentum: Optional[float] = option(None, "Muon: momentum (default 0.95)")
+    muon_momentum: Optional[float] = option(None, "Muon: momentum (default 0.95)", low=0.0, below=1.0)
     muon_no_nesterov: bool = option(False, "Muon: plain momentum instead of Nesterov's")
     muon_adjust_lr: Optional[str] = option(None, "Muon: lr adjustment to the matrix shape (default original)",
                                            choices=("original", "match_rms_adamw"))
-    soap_precondition_frequency: Optional[int] = option(None, "SOAP: updates between eigenbasis refreshes, f (default 10)")
-    soap_max_precond_dim: Optional[int] = option(None, "SOAP: a side longer than this is not rotated (default 10000)")
-    soap_shampoo_beta: Optional[float] = option(None, "SOAP: decay of the preconditioner statistics (default: beta2)")
+    soap_precondition_frequency: Optional[int] = option(None, "SOAP: updates between eigenbasis refreshes, f (default 10)", low=1)
+    soap_max_precond_dim: Optional[int] = option(None, "SOAP: a side longer than this is not rotated (default 10000)", low=1)
+    soap_shampoo_beta: Optional[float] = option(None, "SOAP: decay of the preconditioner statistics (default: beta2)",
+                                                above=0.0, below=1.0)
     state_dtype: Optional[str] = option(
         None, "optimizer-state dtype: float32, or param (follow the weights); default float32 where the optimizer can keep "
               "float32 states of bfloat16 weights, else param (torch's AdamW and Muon, bitsandbytes)",
@@ -129,27 +149,30 @@ class TrainConfig:
     weight_quant: bool = option(False, "store attention/MLP weights as uint8 groups (Q-APOLLO; needs a low-rank optimizer)")
     weight_bits: int = option(8, "bits per quantised weight (only 8 is supported)")
     weight_group_size: int = option(128, "elements per quantisation group (scale and zero point); must divide every "
-                                         "attention/MLP weight")
+                                         "attention/MLP weight", low=1)
     stochastic_round: bool = option(False, "re-quantise updated int8 weights with stochastic rounding (seeded, resumable)")
     layerwise: bool = option(False, "update each parameter during backward as soon as its gradient exists (one process, "
                                     "no accumulation, no clipping)")
 
     # -- evaluation, checkpoints, failures -------------------------------------------------------
-    eval_every: int = option(5000, "evaluate every this many updates (and at the end)")
-    eval_tokens: int = option(10_000_000, "validation tokens (non-pad) per evaluation, K/M/B suffixes", parse=parse_tokens)
-    save_every: int = option(10_000, "save a checkpoint every this many updates (and at the end)")
+    eval_every: int = option(5000, "evaluate every this many updates (and at the end)", low=1)
+    eval_tokens: int = option(10_000_000, "validation tokens (non-pad) per evaluation, K/M/B suffixes", parse=parse_tokens, low=1)
+    save_every: int = option(10_000, "save a checkpoint every this many updates (and at the end)", low=1)
+    keep_last: Optional[int] = option(None, "keep only the newest N complete checkpoints: an older one is deleted once a "
+                                            "newer one is complete (default: keep all)", low=1)
     save_dir: Optional[str] = option(
         None, "run folder: config.json, metrics.jsonl, step_* checkpoints (default checkpoints/<model>-<time>, "
               "or the run folder of --continue_from)")
     continue_from: Optional[str] = option(None, "resume exactly from a checkpoint folder, or the latest checkpoint of a run folder")
-    seed: int = option(0, "seed of torch, python and numpy random (model initialisation)")
+    seed: int = option(0, "seed of torch, python and numpy random (model initialisation; the data order is --data_seed)",
+                       low=0, high=2**32 - 1)
     dry_run: bool = option(False, "check everything and print the plan (parameter split, batch arithmetic, steps, tokens, "
                                   "memory estimate) without training: nothing is allocated, no data is read")
     nan_policy: str = option("stop", "on a NaN/inf loss: stop (exit 1, naming the update) or skip that update",
                              choices=("stop", "skip"))
 
     # -- logging ---------------------------------------------------------------------------------
-    log_every: int = option(1, "log train metrics every this many updates")
+    log_every: int = option(1, "log train metrics every this many updates", low=1)
     wandb: Optional[str] = option(None, "wandb mode (default: $WANDB_MODE, else online)", choices=("online", "offline", "disabled"))
     project: str = option("apollo", "wandb project")
     name: Optional[str] = option(None, "run name (default: the run folder's name)")
@@ -160,9 +183,50 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_POSITIVE_INTS = ("max_length", "num_training_steps", "eval_every", "save_every", "eval_tokens", "log_every",
-                  "batch_size", "gradient_accumulation", "total_batch_size", "eval_batch_size", "rank", "update_proj_gap",
-                  "soap_precondition_frequency", "soap_max_precond_dim")
+_INT64_MAX = 2**63 - 1  # counters and token ids end up in int64 tensors
+
+
+def _domain(meta: dict[str, Any], integer: bool) -> str:
+    """'a positive integer', '>= 0', 'in [0, 1)', ... from a field's low/high/above/below."""
+    low, high, above, below = (meta.get(key) for key in ("low", "high", "above", "below"))
+    if integer and low == 1 and high is None and below is None:
+        return "a positive integer"
+    show = (lambda x: str(x)) if integer else (lambda x: f"{x:g}")
+    start = f"[{show(low)}" if low is not None else f"({show(above)}" if above is not None else None
+    end = f"{show(high)}]" if high is not None else f"{show(below)})" if below is not None else None
+    if start and end:
+        return f"in {start}, {end}"
+    if start:
+        return f">= {show(low)}" if low is not None else f"> {show(above)}"
+    return f"<= {show(high)}" if high is not None else f"< {show(below)}"
+
+
+def check_domains(c: TrainConfig) -> None:
+    """Every field that is set lies in its domain: its type's (finite floats, 64-bit integers, strings neither empty
+    nor holding control characters) and the range its `option(low=, high=, above=, below=)` declares.
+
+    Derived from the fields themselves, so a new field is checked by declaring its range. Raises ConfigError.
+    """
+    for spec in dataclasses.fields(TrainConfig):
+        value, flag, meta = getattr(c, spec.name), f"--{spec.name}", spec.metadata
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, str):
+            if not value.strip():
+                raise ConfigError(f"{flag} must not be empty")
+            if any(ord(char) < 32 or ord(char) == 127 for char in value):
+                raise ConfigError(f"{flag} {value!r} holds a control character")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+        if isinstance(value, int) and abs(value) > _INT64_MAX:
+            raise ConfigError(f"{flag} {value} does not fit in 64 bits")
+        low, high, above, below = (meta.get(key) for key in ("low", "high", "above", "below"))
+        if ((low is not None and value < low) or (high is not None and value > high)
+                or (above is not None and value <= above) or (below is not None and value >= below)):
+            raise ConfigError(f"{flag} must be {_domain(meta, isinstance(value, int))}, got {value}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
 
@@ -204,26 +268,16 @@ def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list
     """
     c = dataclasses.replace(config)
     warnings: list[str] = []
+    check_domains(c)  # every value given, by its field's domain
     try:
         c.optimizer = apollo.canonical_name(c.optimizer)
     except ValueError as error:
         raise ConfigError(f"--optimizer: {error}") from None
 
-    for name in _POSITIVE_INTS:
-        value = getattr(c, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name} must be a positive integer, got {value}")
-    for name in ("warmup_steps", "workers"):
-        if getattr(c, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(c, name)}")
-    _check_range(c.lr, "lr", low=0.0)
-    _check_range(c.weight_decay, "weight_decay", low=0.0)
-    _check_range(c.grad_clipping, "grad_clipping", low=0.0, note="(0 turns clipping off)")
-    _check_range(c.min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0)
-    for name in ("eps", "apollo_scale", "galore_scale"):
-        value = getattr(c, name)
-        if value is not None and not value > 0:
-            raise ConfigError(f"--{name} must be > 0, got {value}")
+    if not 0.0 < c.decay_fraction <= 1.0:  # also NaN
+        raise ConfigError(f"--decay_fraction must be in (0, 1], got {c.decay_fraction}")
+    if c.data_format == "tokens" and c.data_dir is None:
+        raise ConfigError("--data_format tokens needs --data_dir, a folder written by python -m train.pretokenize")
 
     _resolve_batch(c, world_size)
     if c.max_train_tokens is not None:
@@ -234,6 +288,11 @@ def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list
                               f"({c.total_batch_size} sequences x {c.max_length} tokens = {tokens_per_update}); raise it")
     if c.warmup_steps >= c.num_training_steps:
         raise ConfigError(f"--warmup_steps {c.warmup_steps} must be smaller than --num_training_steps {c.num_training_steps}")
+    decay = decay_steps(c.num_training_steps, c.decay_fraction)
+    if c.scheduler == "wsd" and c.num_training_steps - decay < c.warmup_steps:
+        raise ConfigError(f"--scheduler wsd: the decay ({decay} of {c.num_training_steps} updates, --decay_fraction "
+                          f"{c.decay_fraction}) would start before the {c.warmup_steps} warmup updates end; "
+                          f"lower --decay_fraction or --warmup_steps")
     if c.single_gpu and world_size > 1:
         raise ConfigError(f"--single_gpu runs one process, but {world_size} were launched; drop --single_gpu or use --nproc_per_node 1")
 
@@ -253,13 +312,8 @@ def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list
             c.save_dir = f"checkpoints/{Path(c.model_config).stem}-{datetime.now():%Y-%m-%d-%H-%M-%S}"
     if c.name is None:
         c.name = Path(c.save_dir).name
+    check_domains(c)  # the derived values too (a product of batch sizes, a folder's name)
     return c, warnings
-
-
-def _check_range(value: float, name: str, *, low: float, high: float | None = None, note: str = "") -> None:
-    if value != value or value < low or (high is not None and value > high):  # value != value: NaN
-        bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
-        raise ConfigError(f"--{name} must be {bounds}{' ' + note if note else ''}, got {value}")
 
 
 def _resolve_batch(c: TrainConfig, world_size: int) -> None:

@@ -27,7 +27,8 @@ import torch
 
 import apollo
 from apollo import quant, sharded
-from train.checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from train.checkpoint import (capture_rng, find_checkpoint, load_checkpoint, prune_checkpoints, restore_rng,
+                              save_checkpoint)
 from train.build import build_optimizer, quantize
 from train.config import TrainConfig
 from train.data import build_train_loader
@@ -80,7 +81,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     loader = build_train_loader(tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
                                 batch_size=config.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                                workers=config.workers, packing=config.packing)
+                                workers=config.workers, packing=config.packing, seed=config.data_seed,
+                                data_format=config.data_format)
     logger = MetricsLogger(run_dir, config.to_dict(), wandb_mode=config.wandb, project=config.project, name=config.name,
                            entity=config.entity, total_steps=config.num_training_steps, enabled=ctx.is_main)
     logger.summarize({f"params/{key}": value for key, value in counts.items()})
@@ -109,17 +111,23 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                                        "schedule": {"scheduler": config.scheduler, "base_lrs": base_lrs,
                                                     "warmup_steps": config.warmup_steps,
                                                     "num_training_steps": config.num_training_steps,
-                                                    "min_lr_ratio": config.min_lr_ratio}},
+                                                    "min_lr_ratio": config.min_lr_ratio,
+                                                    "decay_fraction": config.decay_fraction}},
                         rank_state={"data": loader.state_dict(), "rng": capture_rng()})
+        if config.keep_last and ctx.is_main:  # only now that the new checkpoint is complete
+            for path in prune_checkpoints(run_dir, config.keep_last):
+                logger.info(f"deleted {path} (--keep_last {config.keep_last})")
 
     def run_eval(step: int) -> None:
         result = evaluate(model, tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
                           batch_size=config.eval_batch_size or config.batch_size, eval_tokens=config.eval_tokens,
                           device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
-                          lockstep=config.fsdp)  # restores train mode
+                          lockstep=config.fsdp, data_format=config.data_format)  # restores train mode
         state["last_eval_step"] = step
-        logger.log({"eval/loss": result.loss, "eval/perplexity": result.perplexity, "eval/tokens": result.tokens}, step)
-        logger.info(f"update {step}: eval loss {result.loss:.4f}, perplexity {result.perplexity:.2f}")
+        logger.log({"eval/loss": result.loss, "eval/perplexity": result.perplexity, "eval/bits_per_byte": result.bits_per_byte,
+                    "eval/tokens": result.tokens, "eval/text_bytes": result.text_bytes}, step)
+        logger.info(f"update {step}: eval loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
+                    f"bits per byte {result.bits_per_byte:.4f}")
 
     # -- the loop --------------------------------------------------------------------------------
     ddp_model = model if config.fsdp else wrap_model(model, ctx, single_gpu=config.single_gpu)
@@ -131,7 +139,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     try:
         while step < config.num_training_steps:
             multiplier = lr_multiplier(step, num_training_steps=config.num_training_steps, warmup_steps=config.warmup_steps,
-                                       scheduler=config.scheduler, min_lr_ratio=config.min_lr_ratio)
+                                       scheduler=config.scheduler, min_lr_ratio=config.min_lr_ratio,
+                                       decay_fraction=config.decay_fraction)
             for group, base_lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base_lr * multiplier
 
