@@ -63,12 +63,77 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, ctx: Distributed, *, single_gpu: bool = False) -> nn.Module:
-    """DistributedDataParallel around `model` when several processes train it; the model itself otherwise."""
+def _mean_all_reduce(state, bucket):  # no annotations: DDP checks them, and this module's are strings
+    """DDP comm hook (`state`: the process group, `bucket`: a dist.GradBucket): multiply the bucket by 1/world, then sum it over the ranks.
+
+    The arithmetic of DDP's own path (the reducer multiplies each gradient by 1/world as it copies it
+    into the bucket; with its gradients already in the bucket it would divide by world instead, which
+    rounds differently when world is not a power of two).
+    """
+    group = state if state is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    buffer.mul_(1.0 / dist.get_world_size(group))
+    return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+class BucketViewDDP(DistributedDataParallel):
+    """DistributedDataParallel whose gradients are views into its all-reduce buckets: one gradient copy, not two.
+
+    Plain DDP keeps every gradient twice, in ``param.grad`` and in its flat buckets.
+    ``gradient_as_bucket_view=True`` alone removes the copy only while ``.grad`` stays a bucket view;
+    the loop's ``zero_grad(set_to_none=True)`` drops the views, and the next backward (under ``no_sync``
+    for every accumulation micro-step but the last) allocates fresh gradients beside the buckets again.
+    This wrapper keeps each parameter's bucket view and, before a forward pass with autograd on,
+    points ``param.grad`` back at it (zeroed) where the optimizer set it to None. Backward then
+    accumulates into the buckets in place, under ``no_sync`` too, and the synchronising backward
+    all-reduces them where they are. Outside forward/backward the optimizer sees what it saw before:
+    ``.grad`` is None after ``zero_grad(set_to_none=True)``.
+
+    Bit-identical to plain DDP (tests/train/test_ddp.py): 0 + g is g; accumulation adds in place as
+    autograd does; `_mean_all_reduce` multiplies by 1/world as the reducer does. DDP rebuilds its
+    buckets once (at the forward after the first synchronising backward), moving the gradients into the
+    new buckets; the views are taken again right after that, before the forward allocates anything.
+    """
+
+    def __init__(self, module: nn.Module, **kwargs: Any) -> None:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if any(p.grad is not None for p in params):
+            raise ValueError("BucketViewDDP: wrap the model before its first backward (gradients exist)")
+        for p in params:  # a stride-0 zero "gradient" (one element of memory): DDP points .grad at its bucket view
+            p.grad = torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
+        try:
+            super().__init__(module, gradient_as_bucket_view=True, **kwargs)
+            self._grad_views = {p: p.grad for p in params}
+        finally:
+            for p in params:
+                p.grad = None
+        self.register_comm_hook(self.process_group, _mean_all_reduce)
+
+    def _attach_grad_views(self) -> None:
+        for param, view in self._grad_views.items():
+            if param.grad is None:
+                param.grad = view.zero_()
+
+    def _pre_forward(self, *inputs: Any, **kwargs: Any):
+        grad_enabled = torch.is_grad_enabled()
+        if grad_enabled:
+            self._attach_grad_views()
+        result = super()._pre_forward(*inputs, **kwargs)  # may rebuild the buckets (once): .grad moves with them
+        if grad_enabled:
+            self._grad_views = {p: p.grad if p.grad is not None else view for p, view in self._grad_views.items()}
+        return result
+
+
+def wrap_model(model: nn.Module, ctx: Distributed, *, single_gpu: bool = False, bucket_view: bool = True) -> nn.Module:
+    """DistributedDataParallel around `model` when several processes train it; the model itself otherwise.
+
+    `bucket_view` (default): `BucketViewDDP`, the gradients live in DDP's buckets (one copy);
+    False: torch's plain DDP (a second, flat copy of every gradient in its buckets).
+    """
     if not ctx.is_distributed or single_gpu:
         return model
     device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return (BucketViewDDP if bucket_view else DistributedDataParallel)(model, device_ids=device_ids)
 
 
 def shard_model(model: nn.Module, ctx: Distributed, *, mixed_precision: bool = False) -> nn.Module:
