@@ -157,10 +157,14 @@ def test_single_gpu_7b_recipe_dry_run_fits_12_gb(c4_dir, tokenizer_dir, monkeypa
         monkeypatch.delenv(name, raising=False)
     assert cli.main(command[3:] + ["--dry_run"]) == 0
     captured = capsys.readouterr()
-    assert "warning" not in captured.err, captured.err
+    # (t5-base's 32100 ids against LLaMA's 32000 rows is a data warning of its own, not a memory-mode one)
+    warnings = [line for line in captured.err.splitlines() if "warning" in line and "token ids, vocab_size" not in line]
+    assert not warnings, captured.err
     assert "int8 attention/MLP weights in groups of 128 (stochastic rounding); layer-wise updates" in captured.out
-    total = float(re.search(r"total ([0-9.]+) GB", captured.out).group(1))
-    assert total < 12, captured.out
+    line = next(line for line in captured.out.splitlines() if line.startswith("memory per process"))
+    total = float(re.search(r"= ([0-9.]+) GB \(peak: [a-z_ ]+\)", line).group(1))
+    terms = [float(value) for value in re.findall(r" (\d+\.\d+)(?= \+| =)", line)]
+    assert total < 12 and abs(sum(terms) - total) <= 0.005 * len(terms), line
 
 
 @pytest.mark.slow
