@@ -2,13 +2,14 @@
 
 Everything is computed on the meta device (no weights, no data): the parameter split the optimizer will
 see, the batch arithmetic, steps and tokens, the memory modes (--weight_quant, --layerwise) and the memory
-estimate of train/memory.py for one process, with those modes.
+estimate of train/memory.py for one process, with those modes: every term that adds up to the total, and
+the phase of the step that sets the peak (DDP's buckets; FSDP2's per-rank shards under --fsdp).
 """
 from __future__ import annotations
 
 from train.build import build_optimizer
-from train.config import TrainConfig
-from train.memory import GB, estimate
+from train.config import TrainConfig, optimizer_options
+from train.memory import estimate
 from train.model import build_model, parameter_counts
 from train.schedule import decay_steps
 
@@ -58,11 +59,13 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
     tokens_per_update = config.total_batch_size * config.max_length
     memory = estimate(
         config.model_config, optimizer=config.optimizer, batch_size=config.batch_size, max_length=config.max_length,
-        rank=config.rank if config.optimizer != "adamw" else None, activation_checkpointing=config.activation_checkpointing,
+        options=optimizer_options(config), activation_checkpointing=config.activation_checkpointing,
         dtype=config.dtype, state_dtype=config.state_dtype, packing=config.packing, weight_quant=config.weight_quant,
         weight_group_size=config.weight_group_size, weight_bits=config.weight_bits,
         stochastic_round=config.stochastic_round, layerwise=config.layerwise,
-        world_size=1 if config.single_gpu or config.fsdp else world_size,  # DDP keeps a bucket copy of every gradient
+        world_size=1 if config.single_gpu else world_size,  # DDP's buckets, or FSDP2's shards
+        gradient_accumulation=config.gradient_accumulation, fsdp=config.fsdp,
+        fsdp_mixed_precision=config.fsdp_mixed_precision,
     )
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     return [
@@ -76,9 +79,8 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         f"schedule: {config.num_training_steps:,} updates ({config.warmup_steps:,} warmup, {config.scheduler}"
         f"{_wsd_decay(config)} to {config.min_lr_ratio:g} x lr) = {config.num_training_steps * tokens_per_update / 1e9:.2f}B token slots; "
         f"eval every {config.eval_every:,}, save every {config.save_every:,}",
-        (f"memory of one unsharded replica (FSDP2 divides weights, gradients and most state by {world_size}; "
-         f"not modelled) " if config.fsdp else "memory per process ")
-        + f"(estimate, {config.dtype}, micro-batch {config.batch_size}): "
-        f"weights {memory.weights / GB:.2f} GB, gradients {memory.gradients / GB:.2f} GB, optimizer states "
-        f"{memory.optimizer_states / GB:.3f} GB, activations {memory.activations / GB:.2f} GB, total {memory.total / GB:.2f} GB",
+        f"memory per process (estimate, {config.dtype}, micro-batch {config.batch_size}"
+        + (f", FSDP2 shards over {world_size} processes" if config.fsdp else
+           f", DDP over {world_size} processes" if world_size > 1 and not config.single_gpu else "")
+        + f"; train.memory has the details): {memory.peak_line()}",
     ]
