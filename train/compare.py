@@ -39,6 +39,7 @@ class Run:
     evals: list[tuple[int, float]] = field(default_factory=list)  # (tokens seen, perplexity)
     throughputs: list[float] = field(default_factory=list)
     state_bytes: int | None = None
+    eval_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, every eval/* value)
 
     @property
     def final_perplexity(self) -> float | None:
@@ -77,6 +78,7 @@ def load_run(path: str | Path) -> Run:
     # the records of its final timeline
     train: dict[int, tuple[int, float]] = {}
     evals: dict[int, float] = {}
+    eval_records: dict[int, dict[str, float]] = {}
     tokens_at_step: dict[int, int] = {}
     with open(directory / "metrics.jsonl", encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -91,6 +93,7 @@ def load_run(path: str | Path) -> Run:
                 if train and step <= max(train):  # a resumption: forget what came after its checkpoint
                     train = {k: v for k, v in train.items() if k < step}
                     evals = {k: v for k, v in evals.items() if k < step}
+                    eval_records = {k: v for k, v in eval_records.items() if k < step}
                 train[step] = (record.get("tokens_seen", 0), record["loss"])
             if "tokens_seen" in record:
                 tokens_at_step[step] = record["tokens_seen"]
@@ -100,9 +103,11 @@ def load_run(path: str | Path) -> Run:
                 run.state_bytes = record["optimizer_state_bytes"]
             if record.get("eval/perplexity") is not None:
                 evals[step] = record["eval/perplexity"]
+                eval_records[step] = {k: v for k, v in record.items() if k.startswith("eval/")}
     run.train = [train[step] for step in sorted(train)]
     # an evaluation record carries only its step: place it at the tokens seen by that update
     run.evals = [(tokens_at_step.get(step, 0), evals[step]) for step in sorted(evals)]
+    run.eval_metrics = [(step, eval_records[step]) for step in sorted(eval_records)]
     return run
 
 

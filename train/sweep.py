@@ -24,6 +24,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from train.checkpoint import find_checkpoint
 
@@ -111,6 +112,28 @@ def _move_aside(directory: Path) -> Path:
     raise AssertionError("unreachable")
 
 
+def execute(recipe: str, fixed: list[str], run: PlannedRun, position: str = "",
+            launch: Callable[[list[str]], int] | None = None) -> bool:
+    """Bring one run to its end: skip it if finished, resume it if interrupted, else start it (a folder without a
+    checkpoint is moved aside first). `launch(command) -> exit code` runs the command (default: a subprocess).
+    Returns whether the run is finished."""
+    status = run_status(run.directory)
+    if status == "done":
+        print(f"{position} {run.name}: finished already, skipped", file=sys.stderr)
+        return True
+    if status == "empty":
+        moved = _move_aside(run.directory)
+        print(f"{position} {run.name}: no checkpoint in its folder; moved it to {moved.name}", file=sys.stderr)
+    cmd = command(recipe, fixed, run, resume=status == "partial")
+    verb = "resuming" if status == "partial" else "starting"
+    print(f"{position} {run.name}: {verb}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    returncode = launch(cmd) if launch is not None else subprocess.run(cmd).returncode
+    if returncode != 0 or run_status(run.directory) != "done":
+        print(f"{position} {run.name}: exited {returncode} before finishing", file=sys.stderr)
+        return False
+    return True
+
+
 def sweep(recipe: str, tokens: list[str], sweep_dir: str | Path, *, print_only: bool = False) -> int:
     """Run (or print) every run of the grid; returns the number of runs that failed."""
     if recipe != "train" and not Path(recipe).is_file():
@@ -122,23 +145,11 @@ def sweep(recipe: str, tokens: list[str], sweep_dir: str | Path, *, print_only: 
     runs = plan(recipe, sweep_dir, axes)
     failed = []
     for index, run in enumerate(runs, 1):
-        status = run_status(run.directory)
-        cmd = command(recipe, fixed, run, resume=status == "partial")
         if print_only:
-            print(("# done: " if status == "done" else "") + shlex.join(cmd))
-            continue
-        if status == "done":
-            print(f"[{index}/{len(runs)}] {run.name}: finished already, skipped", file=sys.stderr)
-            continue
-        if status == "empty":
-            moved = _move_aside(run.directory)
-            print(f"[{index}/{len(runs)}] {run.name}: no checkpoint in its folder; moved it to {moved.name}", file=sys.stderr)
-        verb = "resuming" if status == "partial" else "starting"
-        print(f"[{index}/{len(runs)}] {run.name}: {verb}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-        result = subprocess.run(cmd)
-        if result.returncode != 0 or run_status(run.directory) != "done":
+            status = run_status(run.directory)
+            print(("# done: " if status == "done" else "") + shlex.join(command(recipe, fixed, run, status == "partial")))
+        elif not execute(recipe, fixed, run, f"[{index}/{len(runs)}]"):
             failed.append(run.name)
-            print(f"[{index}/{len(runs)}] {run.name}: exited {result.returncode} before finishing", file=sys.stderr)
     if not print_only:
         _compare(runs, sweep_dir)
         if failed:
