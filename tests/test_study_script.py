@@ -3,12 +3,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 1-2 minutes; the study tool that supersedes this script has its real test in tests/train/test_study.py
 def test_study_script_small_version(tmp_path, c4_dir, tokenizer_dir):
     env = {**os.environ, "DATA_DIR": str(c4_dir), "TOKENIZER": str(tokenizer_dir), "OUT": str(tmp_path / "out"),
            "DOC": str(tmp_path / "doc" / "study.md"), "OPTIMIZERS": "adamw apollo_mini", "STEPS": "2", "BATCH": "2",
