@@ -51,8 +51,9 @@ scratch        temporaries of the update, per optimizer family (`update_scratch`
                4 n), the denominator per block (2 s n only for elementwise blocks).
                SOAP (per m x n, w = 4 the compute bytes): the state in float32 when kept in bf16
                (w (2 m n + 2 m^2 + 2 n^2)) and G (w m n); the direction Q_L (M/(sqrt V + eps)) Q_R^T
-               (3 w m n) or, at a basis refresh, m in the weight basis (w m n) + the power step and QR
-               (5 w k_side^2) + m rotated into the new basis (2 w m n); the statistics G G^T (w m^2).
+               ((1 + sides) w m n) or, at a basis refresh, m in the weight basis + the power step and QR
+               (both sides: 1.8 w m n + 4 w k^2 + the other new basis; one: w m n + 5 w k^2, measured)
+               or m rotated into the new basis ((1 + sides) w m n); the statistics G G^T (w m^2).
                8-bit AdamW (bitsandbytes): in place on CUDA; the CPU kernel works in float32 blocks.
 DDP buckets    with several processes: DDP's flat all-reduce buckets, one copy of every float gradient that
                requires grad, alive for the whole run. The harness's DDP (`train.distributed.BucketViewDDP`)
@@ -65,9 +66,12 @@ FSDP2          (`fsdp=True`, per process): every parameter, its gradient and eve
                ceil(rows / world) rows on every rank, the padding included); other states (low-rank
                moments r x n, projections, scalars) are whole on every rank. Unsharded while in use: the
                root module (embeddings, final norm, lm_head; all-gathered for forward and kept through
-               backward), a decoder layer being all-gathered (its buffer + its parameters: 2 layers),
-               in backward the layer, the next one prefetched, its unsharded gradients and the
-               reduce-scatter input; at the end the root's gradients and their reduce-scatter input.
+               backward), a decoder layer and the next one prefetched (each its all-gather buffer and its
+               copied-out parameters at the start of backward), the layer's unsharded
+               gradients and their reduce-scatter input; at the end (the root resharded) the root's
+               gradients and their reduce-scatter input. Accumulating without a reduce-scatter
+               (set_requires_gradient_sync(False)), FSDP2 keeps every gradient unsharded, in the
+               reduce dtype, until the last micro-step. CPU check (2 gloo ranks): within 5%, states exactly.
                Update scratch is that of the whole matrices (an upper bound for row-local updates).
 total (peak)   weights + states (+ DDP buckets) + the largest of these phases of a step:
                  backward start       activations (+ every gradient when accumulating: micro-steps >= 2)
@@ -85,6 +89,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import math
 import re
 import sys
@@ -284,12 +289,6 @@ def _state_bytes(group: dict, p: int) -> int:
     return 4 if group.get("state_dtype") in ("float32", torch.float32) else p
 
 
-def _regular_adam_scratch(n: int, s: int, p: int) -> int:
-    """The APOLLO base class's regular (non-low-rank) groups: torch's fused AdamW kernel in place when the
-    moments have the weights' dtype, else the spec AdamW (a cast gradient and sqrt(v): n (s + p))."""
-    return 0 if s == p else n * (s + p)
-
-
 def _low_rank_family_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
     n = param.numel()
     s = _state_bytes(group, p)
@@ -369,11 +368,16 @@ def _soap_scratch(param: torch.Tensor, group: dict, *, p: int) -> int:
     sides = [size for size in (m, cols) if size <= limit]
     squares = sum(size * size for size in sides)
     held = (w * (2 * n + 2 * squares) if s != w else 0) + (w * n if p != w else 0)  # work copies of state and G
-    direction = 3 * w * n + (p * n if p != w else 0)
+    # M / (sqrt(V) + eps), then one product per rotated side (the previous result alive)
+    direction = (1 + max(len(sides), 1)) * w * n + (p * n if p != w else 0)
     statistics = w * max(sides, default=0) ** 2
-    # m in the weight basis, the power step L Q, its reordering, QR's Q and R (measured: 4 w k^2 + ~w m n)
-    refresh = 2 * w * n + max((4 * w * size * size for size in sides), default=0)
-    return held + max(direction, statistics, refresh)
+    # a basis refresh: m in the weight basis (w m n) beside the power step L Q, its reordering, QR's Q and R
+    # (4-5 w k^2 measured), the other side's new basis while the second is made; then m rotated back
+    if len(sides) == 2:
+        refresh = int(1.8 * w * n) + max(4 * w * sides[0] ** 2, 4 * w * sides[1] ** 2 + w * sides[0] ** 2)
+    else:
+        refresh = w * n + 5 * w * max(sides, default=0) ** 2
+    return held + max(direction, statistics, refresh, (1 + len(sides)) * w * n)
 
 
 def _adamw8bit_scratch(param: torch.Tensor, group: dict, *, p: int, device: str) -> int:
@@ -649,11 +653,12 @@ def combine(static: _Static, batch_size: int, max_length: int, *, activation_che
                 held = f["accumulated"]
                 for phase in ("backward start", "lm_head gradient"):
                     phases[phase]["gradients"] = held + (static.head if phase == "lm_head gradient" else 0)
-            phases["backward start"]["unsharded parameters"] = f["root"] + f["layer"]
+            # the layer being all-gathered and the prefetched one: each its all-gather buffer and its copy-out
+            phases["backward start"]["unsharded parameters"] = f["root"] + 4 * f["layer"]
             phases["lm_head gradient"] = {"activations": after_head, "gradients": held,
                                           "unsharded parameters": f["root"] + 2 * f["layer"],
                                           "unsharded gradients": f["head"] + f["layer_grad"]}
-            phases["end of backward"]["unsharded parameters"] = f["root"]
+            # the root reshards before its reduce-scatter: its unsharded gradients and the reduce-scatter input
             phases["end of backward"]["unsharded gradients"] = f["root_grad"]
             phases["end of backward"]["gradients"] = own
             notes["gradients"] = f"this rank's shards of every gradient (1/{f['world_size']})"
@@ -729,22 +734,22 @@ class PlanRow:
     note: str = ""
 
 
-def plan(config, gpu_bytes: float, *, max_length: int = 256, optimizers: list[str] | None = None,
-         modes: list[str] | None = None, world_size: int = 1, fsdp: bool = False, fsdp_mixed_precision: bool = False,
-         dtype: str = "bfloat16", state_dtype: str | None = None, rank: int | None = None, packing: bool = False,
-         device: str = "cuda", weight_group_size: int = 128, gradient_accumulation: int = 1) -> list[PlanRow]:
-    """For each optimizer and memory mode: the largest micro-batch whose estimated peak fits in `gpu_bytes`.
+def planner_statics(config, *, optimizers: list[str] | None = None, modes: list[str] | None = None,
+                    world_size: int = 1, fsdp: bool = False, fsdp_mixed_precision: bool = False,
+                    dtype: str = "bfloat16", state_dtype: str | None = None, rank: int | None = None,
+                    device: str = "cuda", weight_group_size: int = 128, gradient_accumulation: int = 1):
+    """(optimizer, mode, the `_Static` of that run or the reason it is refused), AdamW first in each mode.
 
     A mode an optimizer refuses (train.optimizer_flags.MODES, layer-wise with several processes, int8 or
-    layer-wise with FSDP2) gets `batch=None` and the reason. `ratio`: batch over AdamW's in the same mode
-    (AdamW plain where AdamW cannot run the mode: noted).
+    layer-wise with FSDP2) gets its reason. One meta step per optimizer and weight format: activation
+    checkpointing changes only the activations, layer-wise only when gradients and updates happen
+    (the same states, tested), so both reuse the plain run's.
     """
     optimizers = [apollo.canonical_name(o) for o in (optimizers or apollo.optimizer_names())]
-    modes = modes or list(PLANNER_MODES)
-    rows, adamw = [], {}
-    for mode in modes:
+    cache: dict[tuple[str, bool], _Static | str] = {}
+    for mode in modes or list(PLANNER_MODES):
+        flags = PLANNER_MODES[mode]
         for name in ["adamw"] + [o for o in optimizers if o != "adamw"]:
-            flags = PLANNER_MODES[mode]
             refusal = None
             for flag in ("weight_quant", "layerwise"):
                 if flags.get(flag) and name in MODES[flag]:
@@ -756,28 +761,51 @@ def plan(config, gpu_bytes: float, *, max_length: int = 256, optimizers: list[st
             if fsdp and name in MODES["fsdp"]:
                 refusal = MODES["fsdp"][name]
             if refusal:
-                if name in optimizers:
-                    rows.append(PlanRow(name, mode, None, note=refusal))
+                yield name, mode, refusal
                 continue
-            try:
-                static = prepare(config, optimizer=name, rank=rank if name in LOW_RANK else None, dtype=dtype,
-                                 state_dtype=state_dtype, device=device, world_size=world_size, fsdp=fsdp,
-                                 fsdp_mixed_precision=fsdp_mixed_precision, weight_group_size=weight_group_size,
-                                 gradient_accumulation=gradient_accumulation if not flags.get("layerwise") else 1,
-                                 weight_quant=flags.get("weight_quant", False), layerwise=flags.get("layerwise", False),
-                                 stochastic_round=flags.get("weight_quant", False))
-            except ValueError as error:
-                if name in optimizers:
-                    rows.append(PlanRow(name, mode, None, note=str(error)))
-                continue
-            ckpt = flags.get("activation_checkpointing", False)
+            int8 = flags.get("weight_quant", False)
+            key = (name, int8)
+            if key not in cache:
+                try:
+                    own_rank = rank if name in LOW_RANK and name != "apollo_mini" else None  # Mini: rank 1 by definition
+                    cache[key] = prepare(config, optimizer=name, rank=own_rank, dtype=dtype,
+                                         state_dtype=state_dtype, device=device, world_size=world_size, fsdp=fsdp,
+                                         fsdp_mixed_precision=fsdp_mixed_precision, weight_group_size=weight_group_size,
+                                         gradient_accumulation=gradient_accumulation, weight_quant=int8,
+                                         stochastic_round=int8)
+                except ValueError as error:
+                    cache[key] = str(error)
+            static = cache[key]
+            if isinstance(static, _Static) and flags.get("layerwise"):
+                static = dataclasses.replace(static, layerwise=True, accumulation=1, scratch=0, scratch_note="")
+            yield name, mode, static
+
+
+def plan(config, gpu_bytes: float, *, max_length: int = 256, optimizers: list[str] | None = None,
+         modes: list[str] | None = None, packing: bool = False, statics=None, **settings) -> list[PlanRow]:
+    """For each optimizer and memory mode: the largest micro-batch whose estimated peak fits in `gpu_bytes`.
+
+    `settings`: those of `planner_statics` (world_size, fsdp, dtype, state_dtype, rank, device, ...);
+    `statics`: its output, to plan several budgets from one set of meta steps. A refused mode gets
+    `batch=None` and the reason. `ratio`: batch over AdamW's in the same mode (AdamW plain where AdamW
+    cannot run the mode: noted).
+    """
+    chosen = [apollo.canonical_name(o) for o in (optimizers or apollo.optimizer_names())]
+    if statics is None:
+        statics = list(planner_statics(config, optimizers=optimizers, modes=modes, **settings))
+    rows, adamw = [], {}
+    for name, mode, static in statics:
+        if isinstance(static, str):
+            row = PlanRow(name, mode, None, note=static)
+        else:
+            ckpt = PLANNER_MODES[mode].get("activation_checkpointing", False)
             batch = largest_batch(static, gpu_bytes, max_length, activation_checkpointing=ckpt, packing=packing)
             peak = combine(static, max(batch, 1), max_length, activation_checkpointing=ckpt, packing=packing).total
             row = PlanRow(name, mode, batch, peak, gpu_bytes - peak)
             if name == "adamw":
                 adamw[mode] = batch
-            if name in optimizers:
-                rows.append(row)
+        if name in chosen:
+            rows.append(row)
     for row in rows:
         if row.batch is None:
             continue
@@ -931,7 +959,9 @@ def _distributed_worker(rank: int, init_file: str, world_size: int, config, kwar
                 wrapped = shard_model(model, ctx, mixed_precision=False)
             else:
                 wrapped = wrap_model(model, ctx, bucket_view=mode == "ddp")
-        _, kept = _allocation_trace(prof)  # DDP's buckets (the broadcast's transient buffers are gone)
+        # DDP's buckets (the broadcast's transient buffers are gone); FSDP2's new shards are counted below as
+        # the parameters' storage (freeing the whole tensors, allocated before the profile, is not seen)
+        kept = _allocation_trace(prof)[1] if mode != "fsdp" else 0
         opt = optimizer_for(model, name, rank=rank_option, state_dtype=state_dtype, options=options)
         ids, mask, labels = _batch(model.config.vocab_size, batch_size, max_length, packing, seed=1 + rank)
         peak = 0
@@ -1000,7 +1030,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_config", required=True, help="LLaMA config json, e.g. configs/llama_7b.json")
     parser.add_argument("--optimizer", default="adamw", help=" | ".join(apollo.optimizer_names()))
-    parser.add_argument("--rank", type=int, default=None, help="projection rank (default: the preset's)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="projection rank (default: the preset's, hidden/4; with --max_batch: every low-rank "
+                             "optimizer but APOLLO-Mini, which keeps rank 1)")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="a further apollo.build_optimizer option, e.g. precondition_frequency=1 (repeatable)")
     parser.add_argument("--batch_size", type=int, default=1, help="micro-batch, in sequences")

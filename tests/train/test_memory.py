@@ -155,7 +155,8 @@ def _measured_step_scratch(name, dtype, options):
 
 @pytest.mark.parametrize("name,dtype,options", [
     pytest.param("muon", "float32", {}, marks=pytest.mark.slow), ("scale", "float32", {}), ("adam_mini", "float32", {}), ("adamw8bit", "float32", {}),
-    ("fira", "float32", {"rank": 32}), ("soap", "float32", {"options": {"precondition_frequency": 1}}),
+    ("fira", "float32", {"rank": 32}),
+    ("soap", "float32", {"options": {"precondition_frequency": 1, "max_precond_dim": 200}}),  # 500 x 128: 128 side only
     pytest.param("muon", "bfloat16", {}, marks=pytest.mark.slow),
     pytest.param("scale", "bfloat16", {}, marks=pytest.mark.slow),
     pytest.param("adam_mini", "bfloat16", {}, marks=pytest.mark.slow),

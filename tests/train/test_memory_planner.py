@@ -21,7 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # V = 97 rows split 49 + 48 over 2 ranks (uneven), GQA k/v 16 x 32, MLP 64 x 32 and 32 x 64
 TINY = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-FSDP_OPTIMIZERS = [name for name in apollo.optimizer_names() if name not in MODES["fsdp"]]
+# every state layout that shards: AdamW's moments, APOLLO's row-split (tall) and whole (wide) moments, GaLore's
+# and Fira's stored projections, SCALE's lm_head momentum, Muon's momentum, Adam-mini's per-head and per-row v
+FSDP_OPTIMIZERS = ["adamw", "apollo", "galore", "fira", "scale", "muon", "adam_mini"]
 LOW_RANK_OPTION = {name: 3 for name in memory.LOW_RANK}
 
 
@@ -177,6 +179,7 @@ def _fsdp_worker(rank, init_file, results):
 
 
 def test_sharded_state_estimate_equals_two_process_fsdp2(tmp_path):
+    assert set(FSDP_OPTIMIZERS) | set(MODES["fsdp"]) | {"apollo_mini", "apollo_svd"} == set(apollo.optimizer_names())
     results = mp.Manager().dict()
     mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
     for name in FSDP_OPTIMIZERS:
