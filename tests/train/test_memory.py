@@ -108,7 +108,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 # ------------------------------------------------------------------------ every registered optimizer
 
 PEERS = [{"optimizer": "scale"}, {"optimizer": "adam_mini"}, {"optimizer": "fira", "rank": 4},
-         {"optimizer": "scale", "weight_quant": True, "weight_group_size": 32, "layerwise": True},
+         pytest.param({"optimizer": "scale", "weight_quant": True, "weight_group_size": 32, "layerwise": True},
+                      marks=pytest.mark.slow),
          pytest.param({"optimizer": "muon"}, marks=pytest.mark.slow),  # bf16 Newton-Schulz is slow on the CPU
          pytest.param({"optimizer": "adamw8bit"}, marks=pytest.mark.slow),
          pytest.param({"optimizer": "soap", "options": {"precondition_frequency": 1}}, marks=pytest.mark.slow),
@@ -155,7 +156,7 @@ def _measured_step_scratch(name, dtype, options):
 
 @pytest.mark.parametrize("name,dtype,options", [
     pytest.param("muon", "float32", {}, marks=pytest.mark.slow), ("scale", "float32", {}), ("adam_mini", "float32", {}), ("adamw8bit", "float32", {}),
-    ("fira", "float32", {"rank": 32}),
+    pytest.param("fira", "float32", {"rank": 32}, marks=pytest.mark.slow),  # its SVD (the peer test covers Fira)
     ("soap", "float32", {"options": {"precondition_frequency": 1, "max_precond_dim": 200}}),  # 500 x 128: 128 side only
     pytest.param("muon", "bfloat16", {}, marks=pytest.mark.slow),
     pytest.param("scale", "bfloat16", {}, marks=pytest.mark.slow),
