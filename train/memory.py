@@ -67,7 +67,7 @@ FSDP2          (`fsdp=True`, per process): every parameter, its gradient and eve
                moments r x n, projections, scalars) are whole on every rank. Unsharded while in use: the
                root module (embeddings, final norm, lm_head; all-gathered for forward and kept through
                backward), a decoder layer and the next one prefetched (each its all-gather buffer and its
-               copied-out parameters at the start of backward), the layer's unsharded
+               copied-out parameters at the start of backward; two layers when accumulating), the layer's unsharded
                gradients and their reduce-scatter input; at the end (the root resharded) the root's
                gradients and their reduce-scatter input. Accumulating without a reduce-scatter
                (set_requires_gradient_sync(False)), FSDP2 keeps every gradient unsharded, in the
@@ -653,11 +653,16 @@ def combine(static: _Static, batch_size: int, max_length: int, *, activation_che
                 held = f["accumulated"]
                 for phase in ("backward start", "lm_head gradient"):
                     phases[phase]["gradients"] = held + (static.head if phase == "lm_head gradient" else 0)
-            # the layer being all-gathered and the prefetched one: each its all-gather buffer and its copy-out
-            phases["backward start"]["unsharded parameters"] = f["root"] + 4 * f["layer"]
+            # the layer being all-gathered and the prefetched one, each its all-gather buffer and its copy-out
+            # (when accumulating, no reduce-scatter has run yet: two layers). Counts calibrated on 2-process
+            # CPU runs (docs/memory.md), not traced
+            phases["backward start"]["unsharded parameters"] = f["root"] + (2 if accumulating else 4) * f["layer"]
+            # a layer's unsharded gradients and (synchronising) their reduce-scatter input; accumulating,
+            # the new gradients are added into the held ones and nothing is reduce-scattered
             phases["lm_head gradient"] = {"activations": after_head, "gradients": held,
                                           "unsharded parameters": f["root"] + 2 * f["layer"],
-                                          "unsharded gradients": f["head"] + f["layer_grad"]}
+                                          "unsharded gradients": f["head"] + (f["layer"] if accumulating
+                                                                              else f["layer_grad"])}
             # the root reshards before its reduce-scatter: its unsharded gradients and the reduce-scatter input
             phases["end of backward"]["unsharded gradients"] = f["root_grad"]
             phases["end of backward"]["gradients"] = own

@@ -53,7 +53,6 @@ def _compare_worker(rank, world, init_file, dtypes, updates, results):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    import apollo
     from apollo import quant
     from train import memory
     from train.distributed import BucketViewDDP, Distributed, wrap_model

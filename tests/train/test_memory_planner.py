@@ -3,7 +3,6 @@
 The planner's batch is the largest whose estimate fits; the printed terms (train.memory and the trainer's dry
 run) add up to the printed total; the sharded state estimate equals what 2-process FSDP2 holds per rank.
 """
-import os
 import re
 from pathlib import Path
 
