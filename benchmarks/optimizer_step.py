@@ -165,14 +165,15 @@ def selected(name: str, rows: Sequence[str]) -> bool:
     return any(PUBLISHED.get(row.removesuffix(" (plain path)")) == name for row in rows)
 
 
-def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, rows: Sequence[str] = ROWS) -> str:
+def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, rows: Sequence[str] = ROWS,
+              warmup: int = 2) -> str:
     rank = RANKS[size]
     model = build_parameters(size, dtype)
     # normal steps: a gap far beyond the run, after the first (refresh) step in warm-up
     normal = {name: make() for name, make in optimizers(model, rank, gap=10**9).items() if selected(name, rows)}
     snapshot = [p.detach().clone() for p in model.parameters()]
     floor_parts = projection_floor(model, rank, dtype)
-    timed = time_rounds({**{n: o.step for n, o in normal.items()}, **floor_parts}, steps, warmup=2)
+    timed = time_rounds({**{n: o.step for n, o in normal.items()}, **floor_parts}, steps, warmup=warmup)
     median_ms = {name: 1e3 * statistics.median(t) for name, t in timed.items()}
     floor_ms = sum(median_ms[k] for k in floor_parts)
     # refresh steps: every step redraws P (random) or recomputes the SVD
@@ -188,7 +189,7 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
     fused_ms = median_ms["torch adamw fused"]
     foreach = median_ms["torch adamw foreach"]
     lines = [
-        f"### LLaMA-{size}, {str(dtype).removeprefix('torch.')}, rank {rank} ({steps} timed steps, median)",
+        f"### LLaMA-{size}, {str(dtype).removeprefix('torch.')}, rank {rank} ({steps} timed steps after {warmup}, median)",
         "",
         f"Projection floor: {floor_ms:.1f} ms = matmuls {median_ms['matmuls']:.1f} + draw P {median_ms['draw P']:.1f} "
         f"+ fused AdamW on regular parameters {median_ms['fused adamw (regular)']:.1f}.",
@@ -215,6 +216,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (after warm-up)")
     parser.add_argument("--refresh_steps", type=int, default=3, help="timed refresh steps per optimizer (SVD is slow)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps per optimizer before the timed ones (>= 1: the first step allocates the "
+                             "state; 1 for rows whose step takes minutes on a CPU, e.g. muon's bfloat16 Newton-Schulz)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW",
                         help=f"optimizers to time (default: all of {', '.join(ROWS)}); torch's AdamW (foreach, fused) "
                              "and the published package of a chosen row are always timed with them")
@@ -223,6 +227,8 @@ def main() -> None:
                         help="override apollo.fused.CPU_CHUNK_GRAD_ELEMENTS (gradient numbers per chunk on the CPU; "
                              f"default {fused.CPU_CHUNK_GRAD_ELEMENTS}) to tune it to another CPU's cache")
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1 or args.refresh_steps < 1:
+        parser.error("--warmup, --steps and --refresh_steps must be >= 1")
     if args.cpu_chunk_elements is not None:
         if args.cpu_chunk_elements < 1:
             parser.error("--cpu_chunk_elements must be >= 1")
@@ -231,7 +237,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     for size in args.models:
         for dtype in args.dtypes:
-            print(benchmark(size, getattr(torch, dtype), args.steps, args.refresh_steps, args.rows), flush=True)
+            print(benchmark(size, getattr(torch, dtype), args.steps, args.refresh_steps, args.rows,
+                            args.warmup), flush=True)
 
 
 if __name__ == "__main__":
