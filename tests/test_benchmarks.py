@@ -56,3 +56,19 @@ def test_a_chunk_size_below_one_is_refused_before_any_work(monkeypatch, capsys):
     assert exit_info.value.code == 2
     assert "--cpu_chunk_elements must be >= 1" in capsys.readouterr().err
     assert apollo.fused.CPU_CHUNK_GRAD_ELEMENTS == 2**22  # untouched
+
+
+def test_muon_step_times_each_shape_that_muon_updates_once():
+    """benchmarks/muon_step.py: the shapes and counts of the decoder matrices (LLaMA: q/k/v/o square,
+    gate/up intermediate x hidden, down hidden x intermediate; never the embedding or head), one time each."""
+    import muon_step
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert muon_step.shape_counts(model) == {(16, 16): 8, (40, 16): 4, (16, 40): 2}
+    times = muon_step.time_shapes(model, repeats=1)
+    assert list(times) == [(16, 16), (16, 40), (40, 16)] and all(t > 0 for t in times.values())
