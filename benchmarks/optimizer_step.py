@@ -3,7 +3,8 @@
     python benchmarks/optimizer_step.py --models 60m 130m --dtypes float32 bfloat16 --steps 20
     python benchmarks/optimizer_step.py --models 130m --dtypes bfloat16 --rows apollo apollo_mini
     python benchmarks/optimizer_step.py --models 130m --dtypes float32 --rows apollo apollo_mini --cpu_chunk_elements 1048576
-    python benchmarks/optimizer_step.py --models 130m --dtypes float32 bfloat16 --rows apollo fira scale muon adam_mini soap
+    python benchmarks/optimizer_step.py --models 130m --dtypes float32 bfloat16 --rows apollo fira scale adam_mini soap adamw8bit
+    python benchmarks/muon_step.py --model 130m     # muon where its whole step takes minutes (a CPU's bf16 matmuls)
 
 For each model and dtype it builds the model's parameters (random values) with random gradients and
 prints a markdown table: median ms per step (>= --steps timed steps after warm-up, optimizers
