@@ -454,7 +454,7 @@ def test_example_spec_plans(tmp_path, c4_dir, capsys, monkeypatch):
 
 def test_cpu_study_spec_covers_every_optimizer(tmp_path, c4_dir, monkeypatch):
     """scripts/studies/cpu_study.toml: every registered optimizer at >= 3 lrs on LLaMA-9M, AdamW at 3 budgets,
-    the best configurations again at a second seed (all) and on LLaMA-20M (AdamW and five memory-efficient ones)."""
+    the best configurations of some again at a second seed and on LLaMA-20M."""
     import apollo
 
     text = (REPO / "scripts/studies/cpu_study.toml").read_text()
@@ -472,5 +472,5 @@ def test_cpu_study_spec_covers_every_optimizer(tmp_path, c4_dir, monkeypatch):
     adamw_budgets = {r.tokens for stage in ("tune", "adamw_budgets") for r in planned[stage] if r.optimizer == "adamw"}
     assert len(adamw_budgets) == 3
     assert {"seed", "llama_20m"} <= set(pending)
-    assert pending["seed"].startswith("11 runs chosen from stage tune")
-    assert pending["llama_20m"].startswith("6 runs chosen from stage tune")
+    assert pending["seed"].startswith("7 runs chosen from stage tune")
+    assert pending["llama_20m"].startswith("4 runs chosen from stage tune")
