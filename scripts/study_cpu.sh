@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Small-scale study on the real C4 sample: AdamW, APOLLO, APOLLO-Mini and GaLore on LLaMA-9M, three learning
-# rates each, same seed and same data order; the best lr per optimizer is compared (docs/study_cpu.md).
+# rates each, same seed and same data order; the best lr per optimizer is compared (docs/study_cpu_first.md).
 # A benchmark, not a test: about 60-90 minutes on 2 CPU cores with the defaults.
 #
 # Environment (defaults):
-#   DATA_DIR ../shared/data/c4   TOKENIZER ../shared/data/t5-base   OUT runs/study_cpu   DOC docs/study_cpu.md
+#   DATA_DIR ../shared/data/c4   TOKENIZER ../shared/data/t5-base   OUT runs/study_cpu   DOC docs/study_cpu_first.md
 #   OPTIMIZERS "adamw apollo apollo_mini galore"
 #   ADAMW_LRS 2.5e-3,5e-3,1e-2   APOLLO_LRS 5e-3,1e-2,2e-2   MINI_LRS 5e-3,1e-2,2e-2   GALORE_LRS 5e-3,1e-2,2e-2
 #   STEPS 120  BATCH 16  MAX_LENGTH 256  (token budget per run = STEPS x BATCH x MAX_LENGTH, packed sequences)
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 DATA_DIR=${DATA_DIR:-../shared/data/c4}
 TOKENIZER=${TOKENIZER:-../shared/data/t5-base}
 OUT=${OUT:-runs/study_cpu}
-DOC=${DOC:-docs/study_cpu.md}
+DOC=${DOC:-docs/study_cpu_first.md}
 OPTIMIZERS=${OPTIMIZERS:-adamw apollo apollo_mini galore}
 STEPS=${STEPS:-120} BATCH=${BATCH:-16} MAX_LENGTH=${MAX_LENGTH:-256}
 EVAL_EVERY=${EVAL_EVERY:-30} EVAL_TOKENS=${EVAL_TOKENS:-50000} WARMUP=${WARMUP:-12} PROJ_GAP=${PROJ_GAP:-40}

@@ -472,5 +472,5 @@ def test_cpu_study_spec_covers_every_optimizer(tmp_path, c4_dir, monkeypatch):
     adamw_budgets = {r.tokens for stage in ("tune", "adamw_budgets") for r in planned[stage] if r.optimizer == "adamw"}
     assert len(adamw_budgets) == 3
     assert {"seed", "llama_20m"} <= set(pending)
-    assert pending["seed"].startswith("7 runs chosen from stage tune")
-    assert pending["llama_20m"].startswith("4 runs chosen from stage tune")
+    assert pending["seed"].startswith("6 runs chosen from stage tune")
+    assert pending["llama_20m"].startswith("2 runs chosen from stage tune")
