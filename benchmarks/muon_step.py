@@ -17,7 +17,6 @@ import argparse
 import collections
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,18 +25,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from apollo import muon  # noqa: E402
-from optimizer_step import RANKS, build_parameters  # noqa: E402
+from optimizer_step import RANKS, build_parameters, time_rounds  # noqa: E402
 
 
 def seconds(step, repeats: int) -> float:
-    """Median seconds of `step()` over `repeats` calls, after one untimed call."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of `step()` over `repeats` calls, after one untimed call (optimizer_step.time_rounds)."""
+    return statistics.median(time_rounds({"step": step}, repeats, warmup=1)["step"])
 
 
 def shape_counts(model: torch.nn.Module) -> collections.Counter:
