@@ -72,3 +72,18 @@ def test_muon_step_times_each_shape_that_muon_updates_once():
     assert muon_step.shape_counts(model) == {(16, 16): 8, (40, 16): 4, (16, 40): 2}
     times = muon_step.time_shapes(model, repeats=1)
     assert list(times) == [(16, 16), (16, 40), (40, 16)] and all(t > 0 for t in times.values())
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("optimizer_step", ["--models", "60m", "--warmup", "0"], "--warmup, --steps and --refresh_steps must be >= 1"),
+    ("muon_step", ["--model", "60m", "--repeats", "0"], "--threads and --repeats must be >= 1"),
+])
+def test_step_counts_below_one_are_refused_before_any_work(script, argv, message, monkeypatch, capsys):
+    module = __import__(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    monkeypatch.setattr(module, "build_parameters", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
