@@ -26,16 +26,39 @@ def _state_dtype_name(state_dtype: torch.dtype | str | None) -> str | None:
     return state_dtype_name(state_dtype, who="SOAP")
 
 
-def eigenbasis(mat: torch.Tensor) -> torch.Tensor:
+#: Added to the diagonal before eigh (the published guard): shifts exactly-zero eigenvalues off zero.
+EIGH_DIAGONAL_SHIFT = 1e-30
+
+
+def _decompose_robustly(decompose, mat: torch.Tensor):
+    """`decompose(mat)` in mat's dtype, retried in float64 when LAPACK/cuSOLVER fails to converge or the
+    result is not finite (rank-deficient statistics: the rows of tokens absent from a batch give many
+    repeated zero eigenvalues). Returns the result cast back to mat's dtype, or None if both attempts fail."""
+    for dtype in dict.fromkeys((mat.dtype, torch.float64)):
+        try:
+            result = decompose(mat.to(dtype))
+        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+            continue
+        if all(torch.isfinite(part).all() for part in result):
+            return tuple(part.to(mat.dtype) if part.is_floating_point() else part for part in result)
+    return None
+
+
+def eigenbasis(mat: torch.Tensor) -> torch.Tensor | None:
     """Eigenvectors of the symmetric `mat` as columns, in descending order of eigenvalue
-    (``torch.linalg.eigh``'s ascending order reversed). On the meta device: an empty matrix of the shape."""
+    (``torch.linalg.eigh``'s ascending order reversed) of mat + 1e-30 I; retried in float64 when eigh
+    fails; None when that fails too (the caller keeps the previous basis). On the meta device: an empty
+    matrix of the shape."""
     if mat.device.type == "meta":
         return torch.empty_like(mat)
-    return torch.linalg.eigh(mat).eigenvectors.flip(-1)
+    shift = EIGH_DIAGONAL_SHIFT * torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device)
+    result = _decompose_robustly(lambda m: (torch.linalg.eigh(m).eigenvectors.flip(-1),), mat + shift)
+    return None if result is None else result[0]
 
 
-def refresh_basis(mat: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One power-iteration step with QR: returns (Q', order).
+def refresh_basis(mat: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One power-iteration step with QR: returns (Q', order), or None when the QR fails in the working
+    dtype and in float64 or gives non-finite numbers (the caller keeps Q and the order of v).
 
     e = diag(Qᵀ L Q); order = argsort(e, descending, stable); Q' = qr(L · Q[:, order]).Q.
     `order` is what the second moment is permuted by. On the meta device: (basis, identity order).
@@ -45,7 +68,8 @@ def refresh_basis(mat: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor,
     product = mat @ basis                                  # L Q, (k, k)
     estimate = (basis * product).sum(dim=0)                # diag(Qᵀ L Q)
     order = torch.argsort(estimate, descending=True, stable=True)
-    return torch.linalg.qr(product[:, order]).Q, order     # L (Q[:, order]) = (L Q)[:, order]
+    result = _decompose_robustly(lambda m: (torch.linalg.qr(m).Q,), product[:, order])  # L (Q[:, order]) = (L Q)[:, order]
+    return None if result is None else (result[0], order)
 
 
 def rotate(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
@@ -100,7 +124,8 @@ def soap_matrix_step(
     2. W <- W - lr c_t Q_L (m / (sqrt(v) + eps)) Q_Rᵀ, c_t = sqrt(1 - beta2^t) / (1 - beta1^t); W <- W - lr wd W
     3. L, R <- lerp(., G Gᵀ / Gᵀ G, 1 - shampoo_beta)
     4. if `refresh`: (Q, order) <- refresh_basis(L, Q) per kept side; v <- v[order_L][:, order_R];
-       m <- Q_L'ᵀ (Q_L m Q_Rᵀ) Q_R' (m rotated exactly from the old basis into the new one).
+       m <- Q_L'ᵀ (Q_L m Q_Rᵀ) Q_R' (m rotated exactly from the old basis into the new one). A side whose
+       QR fails (in its dtype and in float64) keeps its basis and v's order.
 
     All tensors share one floating dtype (the caller casts). Moments, L, R are updated in place;
     returns the (possibly new) bases.
@@ -120,11 +145,11 @@ def soap_matrix_step(
         return left_basis, right_basis
     moment = unrotate(exp_avg, left_basis, right_basis)                # m in the weight's basis
     new_left, new_right = left_basis, right_basis
-    if left is not None:
-        new_left, order = refresh_basis(left, left_basis)
+    if left is not None and (refreshed := refresh_basis(left, left_basis)) is not None:
+        new_left, order = refreshed
         exp_avg_sq.copy_(exp_avg_sq[order, :])
-    if right is not None:
-        new_right, order = refresh_basis(right, right_basis)
+    if right is not None and (refreshed := refresh_basis(right, right_basis)) is not None:
+        new_right, order = refreshed
         exp_avg_sq.copy_(exp_avg_sq[:, order])
     exp_avg.copy_(rotate(moment, new_left, new_right))
     return new_left, new_right
@@ -189,6 +214,10 @@ class SOAP(Optimizer):
       diag(QᵀLQ) with a stable descending argsort, and takes torch.linalg.qr's Q as is (no sign fixing:
       the update does not depend on the signs of Q's columns, m being rotated exactly);
     - no gradient normalisation, no merging of dimensions, no preconditioning of 1-D parameters;
+    - eigh runs on L + 1e-30 I and is retried in float64 when it fails to converge (as published); a QR
+      refresh is retried the same way; a side whose decomposition fails in float64 too keeps its
+      previous basis (the identity at the first call) and v's order, with one warning per optimizer
+      (the published code would raise);
     - sharded (DTensor / ``--fsdp``) and int8 (``--weight_quant``) weights are refused.
 
     A property of the method worth knowing: for m > n, L = (1-β_s) G Gᵀ at the first call has rank <= n, so
@@ -260,7 +289,17 @@ class SOAP(Optimizer):
             stat = torch.zeros(size, size, dtype=work, device=param.device)
             stat.lerp_(g @ g.T if side == "L" else g.T @ g, 1.0 - beta_s)   # from zero: (1 - beta_s) G Gᵀ
             state[side] = stat.to(state_dtype)
-            state[f"Q_{side}"] = eigenbasis(stat).to(state_dtype)
+            basis = eigenbasis(stat)
+            if basis is None:  # eigh failed in float64 too: start unrotated on this side
+                self._warn_linalg_failure(f"eigh of the {size}x{size} {side} statistics", "the identity")
+                basis = torch.eye(size, dtype=work, device=param.device)
+            state[f"Q_{side}"] = basis.to(state_dtype)
+
+    def _warn_linalg_failure(self, what: str, kept: str) -> None:
+        """Say once per optimizer that a decomposition failed and what basis is used instead."""
+        if not getattr(self, "_linalg_failure_reported", False):
+            self._linalg_failure_reported = True
+            logger.warning("SOAP: %s failed in float32 and float64; that side keeps %s (said once)", what, kept)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; floating state tensors keep the dtype they were saved in (torch would cast
@@ -304,12 +343,17 @@ class SOAP(Optimizer):
         tensors = {key: state[key].to(work) if key in state else None for key in keys}  # no copy when work == state dtype
         adam_step = state["step"] - 1
         beta1, beta2 = group["betas"]
+        refresh = adam_step % group["precondition_frequency"] == 0
         new_left, new_right = soap_matrix_step(
             param, grad.to(work), tensors["exp_avg"], tensors["exp_avg_sq"], tensors["L"], tensors["R"],
-            tensors["Q_L"], tensors["Q_R"], step=adam_step, refresh=adam_step % group["precondition_frequency"] == 0,
+            tensors["Q_L"], tensors["Q_R"], step=adam_step, refresh=refresh,
             lr=group["lr"], beta1=beta1, beta2=beta2, shampoo_beta=_shampoo_beta(group), eps=group["eps"],
             weight_decay=group["weight_decay"],
         )
+        for side, new_basis in (("L", new_left), ("R", new_right)):
+            if refresh and tensors[side] is not None and new_basis is tensors[f"Q_{side}"]:
+                self._warn_linalg_failure(f"the QR refresh of the {side} basis of a {tuple(param.shape)} weight",
+                                          "its previous basis")
         tensors["Q_L"], tensors["Q_R"] = new_left, new_right
         for key, value in tensors.items():
             if value is not None and value is not state[key]:

@@ -380,3 +380,83 @@ def test_tiny_llama_loss_falls():
     assert losses[1] == losses[0]  # the first step only initialised the preconditioners
     assert losses[-1] < 0.75 * losses[0], losses
     assert all(math.isfinite(x) for x in losses)
+
+
+# ------------------------------------------------------------------- robust linear algebra (issue 25)
+def _rank_deficient_statistics() -> torch.Tensor:
+    """(1 - 0.95) G Gᵀ of a 256 x 64 gradient with ~70% zero rows (tokens absent from the batch): many
+    repeated zero eigenvalues. On this machine's LAPACK, float32 eigh fails to converge on this matrix."""
+    torch.manual_seed(0)
+    for _ in range(2):  # the second draw is the matrix that made eigh fail (a scan over draws found it)
+        scale = 10 ** torch.empty(1).uniform_(-8, 2).item()
+        grad = torch.randn(256, 64) * scale
+        grad[~(torch.rand(256) < 0.3)] = 0
+    return (1 - 0.95) * grad @ grad.T
+
+
+def test_eigenbasis_of_rank_deficient_statistics_is_an_eigenbasis():
+    from apollo.soap import eigenbasis
+    stat = _rank_deficient_statistics()
+    basis = eigenbasis(stat)
+    assert basis is not None and basis.dtype == torch.float32
+    exact = torch.linalg.eigh(stat.double()).eigenvalues.flip(-1)          # descending
+    rotated = basis.double().T @ stat.double() @ basis.double()
+    torch.testing.assert_close(basis.double().T @ basis.double(), torch.eye(256, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotated.diagonal(), exact, atol=1e-4 * exact.abs().max().item(), rtol=0)
+
+
+def test_first_step_survives_the_issue_reproduction():
+    """A LLaMA with a 256-token vocabulary: its embedding's L is 256 x 256 and rank-deficient."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                                         max_position_embeddings=64))
+    optimizer = apollo.build_optimizer("soap", model, lr=1e-2, precondition_frequency=2)
+    for _ in range(5):
+        ids = torch.randint(0, 256, (4, 32))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_failed_decompositions_keep_the_previous_basis_and_warn_once(monkeypatch, caplog):
+    """eigh and QR failing in every dtype: the first call starts from the identity, a refresh keeps the
+    basis it had and v's order, the optimizer keeps stepping, and the log says so once."""
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(6, 4))
+    optimizer = SOAP([weight], lr=0.1, precondition_frequency=1)
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    monkeypatch.setattr(torch.linalg, "qr", fail)
+    with caplog.at_level("WARNING", logger="apollo.soap"):
+        for _ in range(3):
+            weight.grad = torch.randn(6, 4)
+            before = weight.detach().clone()
+            optimizer.step()
+    state = optimizer.state[weight]
+    torch.testing.assert_close(state["Q_L"], torch.eye(6), atol=0, rtol=0)
+    torch.testing.assert_close(state["Q_R"], torch.eye(4), atol=0, rtol=0)
+    assert not torch.equal(weight.detach(), before)  # still updating (Adam in the identity basis)
+    warnings = [r for r in caplog.records if "failed in float32 and float64" in r.getMessage()]
+    assert len(warnings) == 1 and "keeps the identity" in warnings[0].getMessage()
+
+
+def test_float32_failure_retries_in_float64(monkeypatch):
+    """eigh failing only in float32: the basis comes from the float64 decomposition, cast back."""
+    from apollo.soap import eigenbasis
+    real_eigh = torch.linalg.eigh
+
+    def eigh_without_float32(mat, *args, **kwargs):
+        if mat.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(mat, *args, **kwargs)
+    torch.manual_seed(1)
+    g = torch.randn(5, 3)
+    stat = g @ g.T
+    monkeypatch.setattr(torch.linalg, "eigh", eigh_without_float32)
+    basis = eigenbasis(stat)
+    expected = real_eigh(stat.double() + 1e-30 * torch.eye(5, dtype=torch.float64)).eigenvectors.flip(-1).float()
+    assert basis.dtype == torch.float32
+    torch.testing.assert_close(basis, expected, atol=0, rtol=0)
