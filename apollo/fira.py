@@ -159,7 +159,8 @@ class Fira(_LowRankAdam):
     Deliberate differences from the published code as PEERS.md describes it: missing low-rank keys take the
     defaults above; ``rank >= min(m, n)`` is refused; the SVD is fp32 and P is cast to the gradient's dtype;
     the state dict holds tensors and ints only; ``state_dtype="float32"`` keeps float32 moments for bf16
-    weights; the paper's form is an option.
+    weights; the paper's form is an option; a limiter norm of 0 (after an all-zero gradient) means "no limit
+    yet" (`functional.growth_limit`).
     """
 
     lowrank_defaults = {

@@ -102,10 +102,16 @@ def limit_norm_growth(
 
 def growth_limit(norm: torch.Tensor, previous_norm: torch.Tensor | None, gamma: float) -> torch.Tensor | None:
     """The limiter's divisor for an update of norm q after one of p: l = max(q / (p + 1e-8), gamma) / gamma;
-    None on the first step (no previous norm: nothing to limit)."""
+    None on the first step (no previous norm: nothing to limit).
+
+    A previous norm of exactly 0 also means "no limit yet" (l = 1): a step whose gradient was all zeros
+    (torchtitan's lr-0 state initialisation, a frozen-then-unfrozen layer) would otherwise cap the next
+    update at 1.01 x 1e-8 and need ~1,800 steps to regrow. The published code limits it; for p > 0 the
+    result is bit-identical to it. Stays on the device (no host sync)."""
     if previous_norm is None:
         return None
-    return torch.clamp(norm / (previous_norm + NORM_EPS), min=gamma) / gamma
+    limit = torch.clamp(norm / (previous_norm + NORM_EPS), min=gamma) / gamma
+    return torch.where(previous_norm > 0, limit, torch.ones_like(limit))
 
 
 def apollo_update(

@@ -24,7 +24,10 @@ Deliberate differences from the published ``apollo-torch`` package (see ALGORITH
 - the state dict holds tensors and ints only (``torch.load(weights_only=True)`` works);
 - ``state_dtype="float32"`` keeps the moments in float32 for bfloat16 parameters;
 - ``rank >= min(m, n)`` is refused with a ValueError (no compression is possible there) rather than
-  silently running a full-size projection.
+  silently running a full-size projection;
+- the norm-growth limiter treats a stored norm of 0 as "no limit yet" (``functional.growth_limit``): after
+  an all-zero gradient (torchtitan's lr-0 state initialisation, a frozen layer) the published code caps
+  the next update at 1.01 x 1e-8 and needs ~1,800 steps to recover. Nonzero norms: bit-identical.
 """
 from __future__ import annotations
 

@@ -41,3 +41,24 @@ def _offline_environment(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+
+
+def make_tiny_llama(seed: int = 0, dtype=None, device=None, **overrides):
+    """A 2-layer LLaMA small enough for a step of any optimizer in milliseconds (sizes: TINY_LLAMA)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY_LLAMA, **overrides})
+    with torch.device(device or "cpu"):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype) if dtype is not None else model
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory fixture: `tiny_llama(seed=0, dtype=None, device=None, **config overrides)`."""
+    return make_tiny_llama
