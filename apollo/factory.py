@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .optimizer import APOLLO, GaLore
-from .quant import QuantLinear, is_quantized
+from .quant import is_quantized
+from .routing import DEFAULT_TARGETS, TargetSpec, check_coverage, target_weights, trainable
 from .sharded import local
 
 logger = logging.getLogger(__name__)
@@ -36,41 +37,26 @@ _LOWRANK_KEYS = {
 
 
 def param_groups(
-    model: nn.Module, target_modules: tuple[str, ...] = ("attn", "mlp"), **lowrank_options: Any
+    model: nn.Module, target_modules: TargetSpec = DEFAULT_TARGETS, **lowrank_options: Any
 ) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into `[regular, low_rank]` param groups.
 
-    Low-rank: the `.weight` of every `nn.Linear` (or int8 `QuantLinear`) whose qualified module name
-    contains one of `target_modules` (for LLaMA: q/k/v/o_proj and gate/up/down_proj). Everything else
-    (embeddings, lm_head, norms, biases) is regular. `lowrank_options` (rank, scale, ...) go into the
-    low-rank group. Every trainable parameter lands in exactly one group; the counts are logged.
-    An int8 weight (requires_grad False, gradient in ``float_grad``) counts as trainable.
+    Low-rank: the 2-D weights of the linear layers `routing.select_targets(model, target_modules)` chooses
+    (default ``("attn", "mlp")``: module names containing "attn" or "mlp", LLaMA's q/k/v/o and gate/up/down
+    projections; also "all-linear", a regex string matched against whole names, or a list of substrings or
+    regexes; a spec that selects nothing is a ValueError). Everything else (embeddings, lm_head, norms,
+    biases) is regular. `lowrank_options` (rank, scale, ...) go into the low-rank group. Every trainable
+    parameter lands in exactly one group (checked, counts logged). An int8 weight counts as trainable.
     """
-    low_rank_ids: set[int] = set()
-    low_rank: list[nn.Parameter] = []
-    for module_name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, QuantLinear)) and any(target in module_name for target in target_modules):
-            weight = module.weight
-            if _trainable(weight) and weight.dim() == 2 and id(weight) not in low_rank_ids:
-                low_rank_ids.add(id(weight))
-                low_rank.append(weight)
-    regular = [p for p in model.parameters() if _trainable(p) and id(p) not in low_rank_ids]
-    covered = len(regular) + len(low_rank)
-    trainable = sum(1 for p in model.parameters() if _trainable(p))
-    assert covered == trainable, f"param_groups covered {covered} of {trainable} trainable parameters"
-    logger.info(
-        "param_groups: %d low-rank tensors (%.2fM values), %d regular tensors (%.2fM values)",
-        len(low_rank), sum(p.numel() for p in low_rank) / 1e6,
-        len(regular), sum(p.numel() for p in regular) / 1e6,
-    )
-    return [
+    low_rank = target_weights(model, target_modules)
+    low_rank_ids = {id(p) for p in low_rank}
+    regular = [p for p in model.parameters() if trainable(p) and id(p) not in low_rank_ids]
+    groups = [
         {"params": regular, "name": "regular"},
         {"params": low_rank, "name": "low_rank", **lowrank_options},
     ]
-
-
-def _trainable(param: torch.Tensor) -> bool:
-    return param.requires_grad or is_quantized(param)
+    check_coverage(model, groups, "param_groups")
+    return groups
 
 
 def _default_rank(model: nn.Module) -> int:
@@ -114,8 +100,7 @@ def build_low_rank(preset: str, model: nn.Module, lr: float, weight_decay: float
     lowrank = {**PRESETS[preset], **options}
     if lowrank["rank"] is None:
         lowrank["rank"] = _default_rank(model)
-    target_modules = tuple(lowrank.pop("target_modules", ("attn", "mlp")))
-    groups = param_groups(model, target_modules, **lowrank)
+    groups = param_groups(model, lowrank.pop("target_modules", DEFAULT_TARGETS), **lowrank)
     optimizer_class = GaLore if preset == "galore" else APOLLO
     return optimizer_class(groups, lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from .routing import DEFAULT_TARGETS
 from . import sharded
 from .fused import matmul_operands
 from .optimizer import _LowRankAdam
@@ -234,13 +235,11 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
         raise ValueError(f"optimizer 'fira' does not take option(s) {', '.join(unknown)}")
     options = {key: value for key, value in options.items() if value is not None}
     optimizer_kwargs = {key: options.pop(key) for key in _OPTIMIZER_KEYS if key in options}
-    target_modules = tuple(options.pop("target_modules", ("attn", "mlp")))
+    target_modules = options.pop("target_modules", DEFAULT_TARGETS)
     lowrank = {**Fira.lowrank_defaults, **options}
     if lowrank.get("rank") is None:
         lowrank["rank"] = _default_rank(model)
-    groups = param_groups(model, target_modules, **lowrank)  # asserts every trainable parameter is covered once
-    grouped = [id(p) for group in groups for p in group["params"]]
-    assert len(grouped) == len(set(grouped)), "a parameter landed in two Fira groups"
+    groups = param_groups(model, target_modules, **lowrank)  # checks every trainable parameter is covered once
     logger.info("fira: %d low-rank weights (rank %d, alpha %g, T %d, %s form), %d plain Adam tensors",
                 len(groups[1]["params"]), lowrank["rank"], lowrank["alpha"], lowrank["update_proj_gap"],
                 "paper" if lowrank["paper_form"] else "code", len(groups[0]["params"]))

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 from typing import Any, Mapping
 
 import torch
@@ -48,11 +47,12 @@ from torch import nn
 
 from .factory import PRESETS
 from .optimizer import APOLLO, GaLore
-from .quant import QuantLinear, is_quantized
+from . import routing
+from .quant import is_quantized
+from .routing import ALL_LINEAR, TargetSpec
 
 logger = logging.getLogger(__name__)
 
-ALL_LINEAR = "all-linear"
 #: The optimizers this module builds itself (low-rank, with any target spec) and their classes.
 LOW_RANK = {"apollo": APOLLO, "apollo_mini": APOLLO, "apollo_svd": APOLLO, "galore": GaLore}
 
@@ -91,68 +91,13 @@ _TRAINING_ARGS_FIELDS = {"lr": "learning_rate", "weight_decay": "weight_decay", 
 # ------------------------------------------------------------------------------ target selection
 
 
-def _linear_types() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D
-
-    return (nn.Linear, Conv1D, QuantLinear)
-
-
-def _matches(spec: str | list[str] | tuple[str, ...], name: str) -> bool:
-    """transformers' rule (trainer_utils.check_target_module_exists): regex string, or names/substrings/regexes."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return name in spec or any(entry in name for entry in spec) or any(re.fullmatch(entry, name) for entry in spec)
+def select_targets(model: nn.Module, target_modules: TargetSpec = ALL_LINEAR) -> list[str]:
+    """Names of the weights a low-rank optimizer projects: `apollo.routing.select_targets`, the one target
+    selection of this project, with Trainer's default ``"all-linear"`` (every linear layer but the output head)."""
+    return routing.select_targets(model, target_modules)
 
 
-def _trainable(param: torch.Tensor) -> bool:
-    return param.requires_grad or is_quantized(param)
-
-
-def select_targets(model: nn.Module, target_modules: str | list[str] | tuple[str, ...] = ALL_LINEAR) -> list[str]:
-    """Names of the weights a low-rank optimizer projects, in the model's parameter order.
-
-    ``target_modules``: ``"all-linear"`` (or ``"all_linear"``): every linear layer except the output
-    head (``model.get_output_embeddings()``) and any layer whose weight is the input embedding (tied);
-    a regex string matched against whole module names; or a list of names, substrings or regexes.
-    Only trainable 2-D weights of linear layers (see the module docstring) count. ValueError if none is
-    selected, or for a spec of another type.
-    """
-    if isinstance(target_modules, (list, tuple)) and not all(isinstance(t, str) for t in target_modules):
-        raise ValueError(f"target_modules must be strings, got {target_modules!r}")
-    if not isinstance(target_modules, (str, list, tuple)):
-        raise ValueError(f"target_modules must be a regex string, a list of strings or 'all-linear', "
-                         f"got {target_modules!r}")
-    all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == ALL_LINEAR
-    excluded: set[int] = set()
-    if all_linear:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if head is not None:
-            excluded.add(id(head.weight))
-        if embedding is not None:
-            excluded.add(id(embedding.weight))
-    linear_types = _linear_types()
-    chosen: set[int] = set()
-    for module_name, module in model.named_modules():
-        if not isinstance(module, linear_types) or not (all_linear or _matches(target_modules, module_name)):
-            continue
-        weight = module.weight
-        if id(weight) not in excluded and weight.dim() == 2 and _trainable(weight):
-            chosen.add(id(weight))
-    names, seen = [], set()
-    for name, param in model.named_parameters():
-        if id(param) in chosen and id(param) not in seen:
-            seen.add(id(param))
-            names.append(name)
-    if not names:
-        kinds = "nn.Linear, Conv1D or QuantLinear"
-        raise ValueError(f"target_modules {target_modules!r} selects no trainable 2-D weight of a {kinds} layer in "
-                         f"{type(model).__name__}: name the projection layers (e.g. ['q_proj', 'v_proj']) or use "
-                         f"'all-linear'")
-    return names
-
-
-def param_groups(model: nn.Module, target_modules: str | list[str] | tuple[str, ...] = ALL_LINEAR, *,
+def param_groups(model: nn.Module, target_modules: TargetSpec = ALL_LINEAR, *,
                  weight_decay: float = 0.0, **lowrank_options: Any) -> list[dict[str, Any]]:
     """``[regular, no_decay, low_rank]`` param groups (empty regular/no_decay groups are left out).
 
@@ -164,20 +109,15 @@ def param_groups(model: nn.Module, target_modules: str | list[str] | tuple[str, 
     by_name = dict(model.named_parameters())
     low_rank = [by_name[name] for name in by_name if name in targets]
     chosen = {id(p) for p in low_rank}
-    rest = [(n, p) for n, p in model.named_parameters() if _trainable(p) and id(p) not in chosen]
+    rest = [(n, p) for n, p in model.named_parameters() if routing.trainable(p) and id(p) not in chosen]
     regular = [p for _, p in rest if p.dim() >= 2]
     no_decay = [p for _, p in rest if p.dim() < 2]
-    trainable = sum(1 for p in model.parameters() if _trainable(p))
-    covered = len(low_rank) + len(regular) + len(no_decay)
-    assert covered == trainable, f"apollo.hf.param_groups covered {covered} of {trainable} trainable parameters"
-    logger.info("apollo.hf.param_groups (target_modules=%r): %d low-rank tensors (%.2fM values), %d regular "
-                "(%.2fM), %d without weight decay (%.2fM)", target_modules,
-                len(low_rank), sum(p.numel() for p in low_rank) / 1e6, len(regular),
-                sum(p.numel() for p in regular) / 1e6, len(no_decay), sum(p.numel() for p in no_decay) / 1e6)
     groups = [{"params": regular, "name": "regular", "weight_decay": weight_decay},
               {"params": no_decay, "name": "no_decay", "weight_decay": 0.0},
               {"params": low_rank, "name": "low_rank", "weight_decay": weight_decay, **lowrank_options}]
-    return [group for group in groups if group["params"] or group["name"] == "low_rank"]
+    groups = [group for group in groups if group["params"] or group["name"] == "low_rank"]
+    routing.check_coverage(model, groups, f"apollo.hf.param_groups (target_modules={target_modules!r})")
+    return groups
 
 
 # ------------------------------------------------------------------------------------- building

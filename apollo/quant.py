@@ -290,13 +290,13 @@ def clear_float_grads(params) -> None:
 
 def quantize_model(
     model: nn.Module,
-    target_modules: tuple[str, ...] = ("attn", "mlp"),
+    target_modules: str | tuple[str, ...] | list[str] = ("attn", "mlp"),
     group_size: int = 128,
     bits: int = 8,
     stochastic_round: bool = False,
     seed: int = 0,
 ) -> nn.Module:
-    """Swap every `nn.Linear` whose qualified name contains one of `target_modules` for a QuantLinear.
+    """Swap every `nn.Linear` that `target_modules` chooses (`apollo.routing`'s forms) for a QuantLinear.
 
     For LLaMA: q/k/v/o_proj and gate/up/down_proj; embeddings, lm_head and norms stay as they are.
     Every target's element count must divide by `group_size` (checked before anything is swapped).
@@ -305,10 +305,10 @@ def quantize_model(
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"--weight_bits must be 8 (only 8-bit weights are supported), got {bits!r}")
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and any(t in name for t in target_modules)]
+    from .routing import select_target_modules  # routing imports this module: imported here, no cycle
+    targets = select_target_modules(model, target_modules, types=(nn.Linear,))
     if not targets:
-        raise ValueError(f"quantize_model: no nn.Linear module name contains any of {tuple(target_modules)}")
+        raise ValueError(f"quantize_model: target_modules {target_modules!r} selects no nn.Linear module")
     for name, module in targets:
         _check_groups(module.weight.numel(), group_size, f"{name}.weight {tuple(module.weight.shape)}")
     for index, (name, module) in enumerate(targets, start=1):

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from apollo.routing import DEFAULT_TARGETS, TargetSpec, select_target_modules
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -79,17 +81,14 @@ def enable_activation_checkpointing(model: LlamaForCausalLM) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def parameter_counts(model: nn.Module, target_modules: tuple[str, ...] = ("attn", "mlp")) -> dict[str, int]:
+def parameter_counts(model: nn.Module, target_modules: TargetSpec = DEFAULT_TARGETS) -> dict[str, int]:
     """Count parameters: `total`, `low_rank` and `regular` (= total - low_rank).
 
-    `low_rank` is the number of elements in the 2-D weights of `nn.Linear` modules whose qualified
-    name contains one of `target_modules` (for LLaMA: q/k/v/o and gate/up/down projections) - the
-    weights a low-rank optimizer projects. Works on meta tensors.
+    `low_rank` is the number of elements in the 2-D weights of the linear layers `target_modules` chooses
+    (`apollo.routing`'s one selection; default: names containing "attn" or "mlp", LLaMA's q/k/v/o and
+    gate/up/down projections) - the weights a low-rank optimizer projects. Works on meta tensors.
     """
     total = sum(p.numel() for p in model.parameters())
-    low_rank = sum(
-        module.weight.numel()
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module.weight.dim() == 2 and any(t in name for t in target_modules)
-    )
+    low_rank = sum(module.weight.numel() for _, module in select_target_modules(model, target_modules)
+                   if module.weight.dim() == 2)
     return {"total": total, "low_rank": low_rank, "regular": total - low_rank}

@@ -7,7 +7,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import apollo
-from apollo import hf
+from apollo import hf, routing
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=64, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -84,7 +84,7 @@ def test_target_specs_follow_transformers_matching_rules():
              [r"model\.layers\.1\..*_proj"], ["lm_head"], r".*"]
     for spec in specs:  # our matcher agrees with transformers' on every module name
         for name, _ in model.named_modules():
-            assert hf._matches(spec, name) == check_target_module_exists(spec, name), (spec, name)
+            assert routing.name_matches(spec, name) == check_target_module_exists(spec, name), (spec, name)
     assert hf.select_targets(model, r".*\.(q|v)_proj") == layer_names(2, ["self_attn.q_proj", "self_attn.v_proj"])
     assert hf.select_targets(model, ["q_proj", "mlp"]) == layer_names(2, ["self_attn.q_proj", "mlp.gate_proj",
                                                                           "mlp.up_proj", "mlp.down_proj"])
