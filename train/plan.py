@@ -2,7 +2,7 @@
 
 Everything is computed on the meta device (no weights, no data): the parameter split the optimizer will
 see, the batch arithmetic, steps and tokens, the memory modes (--weight_quant, --layerwise) and the memory
-estimate of train/memory.py for one process, with those modes: every term that adds up to the total, and
+estimate of train/memory/ for one process, with those modes: every term that adds up to the total, and
 the phase of the step that sets the peak (DDP's buckets; FSDP2's per-rank shards under --fsdp).
 """
 from __future__ import annotations

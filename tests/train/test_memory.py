@@ -2,8 +2,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
+import apollo
 from train import memory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +105,26 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert memory.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+
+def test_every_registered_optimizer_has_an_update_scratch_model():
+    assert set(memory.SCRATCH) == set(apollo.optimizer_names())
+
+
+def test_an_optimizer_without_a_scratch_model_is_an_error_not_zero(monkeypatch, capsys):
+    """A newly registered optimizer with no entry in train/memory/scratch.py's SCRATCH: the estimate raises
+    (the planner would otherwise credit it with a free update), and the CLI says where to add it, exit 2."""
+    entry = apollo.registry.OptimizerEntry(lambda model, lr, weight_decay: torch.optim.SGD(model.parameters(), lr=lr),
+                                           frozenset(), "plain SGD, registered by this test")
+    monkeypatch.setitem(apollo.registry.REGISTRY, "dummy_sgd", entry)
+    line = ("train.memory has no update-scratch model for optimizer 'dummy_sgd': add its "
+            "scratch_bytes(param, group, *, name, p, device) to SCRATCH in train/memory/scratch.py")
+    with pytest.raises(ValueError) as error:
+        _estimate(optimizer="dummy_sgd")
+    assert str(error.value) == line
+    assert memory.main(["--model_config", str(REPO_ROOT / "configs" / "llama_9m.json"), "--optimizer", "dummy_sgd"]) == 2
+    assert capsys.readouterr().err == f"error: {line}\n"
 
 
 # ------------------------------------------------------------------------ every registered optimizer

@@ -2,6 +2,7 @@
 array), `from` stages and lr-edge extensions chosen from run folders, the power-law fit on synthetic data,
 the speedup table, and a real 2-optimizer x 2-lr x 2-budget study of a tiny model (finishes, is skipped when
 re-run, and its report's best rows match the run folders)."""
+import importlib
 import json
 import math
 import re
@@ -15,10 +16,12 @@ import torch
 from PIL import Image
 
 from tests.train.test_cli import REPO_ROOT as REPO, write_tiny_config
-from train import study, study_report, study_spec
+from train import study
+from train.study import report as study_report
+from train.study import spec as study_spec
 from train.__main__ import main as train_main
 from train.model import build_model
-from train.study_spec import StudyError, _resolve_run, load_spec
+from train.study.spec import StudyError, _resolve_run, load_spec
 
 
 def spec_text(folder: Path, data_dir: Path, tokenizer: str = "t5-base", *, optimizers: str = "", stages: str = "",
@@ -277,6 +280,15 @@ seeds = [7]"""))
                       ("apollo", 0.004, 2, 7, "tiny-128-apollo-lr0.004-rank2-s7"),
                       ("apollo", 0.008, 2, 7, "tiny-128-apollo-lr0.008-rank2-s7")]
 
+
+def test_old_module_paths_are_deprecated_aliases_of_the_package_modules(monkeypatch):
+    """train.study_spec / train.study_report (train/study/ was three modules) import as the same module objects."""
+    for old, new in (("train.study_spec", study_spec), ("train.study_report", study_report)):
+        monkeypatch.delitem(sys.modules, old, raising=False)
+        with pytest.deprecated_call(match=rf"^{old} is deprecated: import {new.__name__}"):
+            assert importlib.import_module(old) is new
+    assert study.report is study_report and study.fit_power_law is study_report.fit_power_law
+    assert study.load_spec is study_spec.load_spec and study.main.__module__ == "train.study.run"
 
 def test_power_law_fit_recovers_known_parameters():
     tokens = [1e5, 3e5, 1e6, 3e6, 1e7]

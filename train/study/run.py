@@ -1,46 +1,9 @@
-"""Fair optimizer comparisons: a study spec -> a plan of runs -> the runs -> a report (train/study_report.py).
+"""Fair optimizer comparisons: a study spec -> a plan of runs -> the runs -> a report (train/study/report.py).
 
-    python -m train.study SPEC --print [--rate TOKENS_PER_S]   # the plan, its time, every command; writes slurm.sh
-    python -m train.study SPEC                                  # run every stage here, one run after another
-    python -m train.study SPEC --stage NAME [--index I]         # one stage (or its I-th run: a SLURM array task)
-    python -m train.study SPEC --report                         # rebuild report.md + PNGs from the run folders
-
-The spec is TOML (tomllib); scripts/studies/example.toml is a documented example. Paths are relative
-to the folder you run from (the repository root), as for `python -m train`. Top-level keys:
-
-    out = "runs/studies/NAME"     the study folder: run folders in out/runs/<run>, report.md, slurm.sh
-    seeds = [0]                   default seeds of every stage; a run with seed S gets --seed S --data_seed S
-    warmup_fraction = 0.1         --warmup_steps round(fraction x updates), unless [common] gives warmup_steps
-    evals = 2                     --eval_every updates // evals (the trainer also evaluates at the end)
-    saves = 2                     --save_every ceil(updates / saves): checkpoints to resume an interrupted run
-    memory_device = "cuda"        device of the report's memory estimate (train.memory.estimate): cuda | cpu
-    [models]                      name = LLaMA config json, e.g. 9m = "configs/llama_9m.json"
-    [common]                      trainer flags of every run, named as in `python -m train --help` without the
-                                  dashes; true is a switch (packing = true); e.g. data_dir, tokenizer, max_length,
-                                  batch_size, total_batch_size, scheduler, decay_fraction, eval_tokens
-    [optimizers.NAME]             one table per optimizer (apollo.optimizer_names()): a list is a grid axis,
-                                  a single value a flag of that optimizer's runs; lr is required
-                                  (lr = [1e-3, 2e-3, 4e-3]; rank = [16, 32]; update_proj_gap = 25)
-    [[stages]]                    run in order; keys:
-        name                      letters, digits, _ and -
-        models                    names from [models] (default: all)
-        budgets                   training tokens per run, e.g. ["100K", 400000] (K/M/B suffixes);
-        tokens_per_param          or budgets as multiples of each model's parameter count (all parameters)
-        optimizers                names from [optimizers] (default: all); each runs its whole grid
-        seeds                     (default: the top-level seeds)
-        from = "STAGE"            instead of the grids: the `top` best configurations (default 1) of each
-                                  optimizer in that earlier stage, by final validation loss (mean over seeds),
-                                  taken at the same model and budget where it has them, else at its first
-        extend_edges = N          after the stage's runs: where an optimizer's best lr is the smallest or largest
-                                  of its grid, run one more lr beyond it (the grid's ratio), up to N times
-
-A run's flags are [common], the derived warmup/eval/save steps, its model, optimizer, grid values,
---num_training_steps budget // (total_batch_size x max_length), its seeds, and --save_dir/--name
-(train.sweep.command). Runs are named <model>-<budget>-<optimizer>-<grid values>-s<seed>; a run
-that two stages share runs once. A bad spec (unknown key or optimizer, empty grid, a missing config,
-a budget under one update, a flag the optimizer does not take, a value the trainer refuses) exits 2
-with one line before anything runs. Running goes through train.sweep.execute: finished runs are
-skipped, interrupted ones resumed.
+The runs of a study (`python -m train.study`; the spec format is in train/study/__init__.py's docstring):
+each stage's grid or its picks from an earlier stage (`stage_runs`), the lr-edge extensions
+(`edge_runs`), the time they take at measured rates (`print_plan`, `write_slurm`), and running them
+through train.sweep.execute (`run_study`): finished runs are skipped, interrupted ones resumed.
 """
 from __future__ import annotations
 
@@ -54,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from train.study_report import load_result, write_report
-from train.study_spec import Spec, Stage, StudyError, StudyRun, _resolve_run, _sizes, grid_runs, load_spec, make_run
+from train.study.report import load_result, write_report
+from train.study.spec import Spec, Stage, StudyError, StudyRun, _resolve_run, _sizes, grid_runs, load_spec, make_run
 from train.sweep import command, execute, run_status
 
 
@@ -317,13 +280,15 @@ def run_study(spec: Spec, *, stage: str | None = None, index: int | None = None,
             print(f"study: stage {current.name}: {pending[current.name]}", file=sys.stderr)
             failed.add(current.name)
     if index is None:
-        report(spec)
+        rebuild_report(spec)
     if failed:
         print(f"study: {len(failed)} runs or stages did not finish: {', '.join(sorted(failed))}", file=sys.stderr)
     return len(failed)
 
 
-def report(spec: Spec) -> None:
+def rebuild_report(spec: Spec) -> None:
+    """report.md + PNGs of the study from its run folders (train/study/report.py); a study without
+    finished runs says so on stderr."""
     try:
         path = write_report(spec.out, memory_device=spec.memory_device, title=spec.path.stem)
         print(f"study: wrote {path}", file=sys.stderr)
@@ -333,7 +298,8 @@ def report(spec: Spec) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.study", description=__doc__.splitlines()[0],
-                                     epilog="The spec format: the module docstring and scripts/studies/example.toml.")
+                                     epilog="The spec format: train/study/__init__.py's docstring and "
+                                            "scripts/studies/example.toml.")
     parser.add_argument("spec", help="a study spec (TOML)")
     parser.add_argument("--print", dest="print_only", action="store_true", help="print the plan and commands, run nothing")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the run folders")
@@ -356,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rate is not None and not args.rate > 0:
             raise StudyError(f"--rate must be > 0, got {args.rate}")
         if args.report:
-            report(spec)
+            rebuild_report(spec)
             return 0
         if args.print_only:
             print_plan(spec, rate=args.rate, measure=args.measure, startup_s=args.startup_s)
@@ -367,5 +333,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+report = rebuild_report  # its name when train/study.py was one module (train.study.report is now the report module)
