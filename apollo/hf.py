@@ -251,8 +251,9 @@ def training_args_kwargs(args: Any) -> dict[str, Any]:
     ``optim``: apollo_adamw, galore_adamw (with transformers' own defaults for them, see
     ``TRAINER_OPTIMS``), adamw_torch(_fused). ``optim_args`` keys are our option names; the key
     ``optimizer=NAME`` picks any registered optimizer instead (with its own presets, e.g. apollo_mini).
-    lr, weight decay, betas and eps come from the TrainingArguments fields, the target spec from
-    ``optim_target_modules`` (None: ``"all-linear"``).
+    lr and weight decay come from the TrainingArguments fields, betas and eps only where the user changed
+    them from TrainingArguments' defaults (`adam_settings`: otherwise the optimizer's own), the target spec
+    from ``optim_target_modules`` (None: ``"all-linear"``).
     """
     optim = str(getattr(args.optim, "value", args.optim))
     raw = parse_optim_args(args.optim_args)
@@ -271,12 +272,43 @@ def training_args_kwargs(args: Any) -> dict[str, Any]:
             raise ValueError(f"optim_args {key}=...: set TrainingArguments.{_TRAINING_ARGS_FIELDS[key]} instead")
     options = {**defaults, **{key: convert_value(key, value) for key, value in raw.items()}}
     kwargs = {"name": name, "lr": args.learning_rate, "weight_decay": args.weight_decay,
-              "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon, **options}
+              **adam_settings(name, args), **options}
     from . import canonical_name
 
     if canonical_name(name) in LOW_RANK:
         kwargs["target_modules"] = ALL_LINEAR if args.optim_target_modules is None else args.optim_target_modules
     return kwargs
+
+
+def adam_settings(name: str, args: Any) -> dict[str, Any]:
+    """``betas`` / ``eps`` for the optimizer `name` from TrainingArguments, only where the user changed them.
+
+    TrainingArguments always carries adam_beta1/2 and adam_epsilon (0.9, 0.999, 1e-8 by default); passing
+    those defaults on would replace an optimizer's own (SOAP's betas are (0.95, 0.95), APOLLO's eps 1e-6).
+    So a field left at its dataclass default is not passed; a changed one is, and an optimizer without that
+    hyper-parameter refuses it with one line. The choice is logged.
+    """
+    import dataclasses
+
+    from . import REGISTRY, canonical_name
+
+    key = canonical_name(name)
+    defaults = {f.name: f.default for f in dataclasses.fields(args)} if dataclasses.is_dataclass(args) else {}
+    default_of = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+    changed = {field for field, fallback in default_of.items()
+               if getattr(args, field) != defaults.get(field, fallback)}
+    settings: dict[str, Any] = {}
+    if changed & {"adam_beta1", "adam_beta2"}:
+        settings["betas"] = (args.adam_beta1, args.adam_beta2)
+    if "adam_epsilon" in changed:
+        settings["eps"] = args.adam_epsilon
+    for option, fields in (("betas", "adam_beta1/adam_beta2"), ("eps", "adam_epsilon")):
+        if option in settings and option not in REGISTRY[key].options:
+            raise ValueError(f"TrainingArguments.{fields} is set but optimizer {key!r} has no {option}: "
+                             f"leave it at its default")
+    logger.info("apollo.hf: %s with %s", key, ", ".join(f"{k}={v} (from TrainingArguments)" for k, v in settings.items())
+                or "its own betas and eps (TrainingArguments' adam_beta1/2 and adam_epsilon are at their defaults)")
+    return settings
 
 
 def from_training_args(args: Any) -> tuple[type[OptimizerFactory], dict[str, Any]]:
@@ -298,8 +330,8 @@ def llamafactory_kwargs(finetuning_args: Any, training_args: Any) -> dict[str, A
 
     ``use_apollo`` -> name "apollo" with the ``apollo_*`` keys, ``use_galore`` -> "galore" with the
     ``galore_*`` keys (``LLAMAFACTORY_KEYS``: names and LLaMA-Factory's defaults); a ``*_target`` of
-    "all" is ``"all-linear"``, else a comma-separated string or list of module-name substrings. lr,
-    weight decay, betas and eps come from `training_args` (Hugging Face TrainingArguments, whose
+    "all" is ``"all-linear"``, else a comma-separated string or list of module-name substrings. lr and
+    weight decay come from `training_args`, betas and eps where changed (`adam_settings`) (Hugging Face TrainingArguments, whose
     ``optim`` must be adamw_torch, as LLaMA-Factory requires). Layer-wise is refused.
     """
     use_apollo, use_galore = bool(_read(finetuning_args, "use_apollo", False)), bool(_read(finetuning_args, "use_galore", False))
@@ -321,8 +353,7 @@ def llamafactory_kwargs(finetuning_args: Any, training_args: Any) -> dict[str, A
     if optim not in ("adamw_torch", "adamw_torch_fused"):
         raise ValueError(f"LLaMA-Factory's {family} runs with optim adamw_torch, got optim={optim!r}")
     return {"name": family, "lr": training_args.learning_rate, "weight_decay": training_args.weight_decay,
-            "betas": (training_args.adam_beta1, training_args.adam_beta2), "eps": training_args.adam_epsilon,
-            "target_modules": target, **options}
+            **adam_settings(family, training_args), "target_modules": target, **options}
 
 
 def from_llamafactory(finetuning_args: Any, training_args: Any) -> tuple[type[OptimizerFactory], dict[str, Any]]:

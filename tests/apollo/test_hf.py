@@ -202,7 +202,7 @@ def test_every_optim_args_key_and_training_argument_reaches_the_optimizer(tmp_pa
 def test_training_args_defaults_and_refusals(tmp_path):
     _, kwargs = hf.from_training_args(training_args(tmp_path, optim="apollo_adamw"))
     # transformers' own apollo_adamw defaults, and the fields it drops (weight decay) kept
-    assert kwargs == {"name": "apollo", "lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8,
+    assert kwargs == {"name": "apollo", "lr": 1e-2, "weight_decay": 0.1,
                       "rank": 128, "proj": "random", "scale_type": "channel", "update_proj_gap": 200, "scale": 1.0,
                       "proj_type": "std", "target_modules": "all-linear"}
     _, kwargs = hf.from_training_args(training_args(tmp_path, optim="adamw_torch", optim_args="optimizer=apollo_mini"))
@@ -225,12 +225,12 @@ def test_training_args_defaults_and_refusals(tmp_path):
 def test_llamafactory_keys_take_llamafactory_defaults(tmp_path):
     args = training_args(tmp_path)
     _, kwargs = hf.from_llamafactory({"use_apollo": True}, args)
-    assert kwargs == {"name": "apollo", "lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8,
+    assert kwargs == {"name": "apollo", "lr": 1e-2, "weight_decay": 0.1,
                       "target_modules": "all-linear", "rank": 16, "update_proj_gap": 200, "scale": 32.0,
                       "proj": "random", "proj_type": "std", "scale_type": "channel", "scale_front": False}
     keys = SimpleNamespace(use_apollo=False, use_galore=True, galore_target="q_proj, v_proj", galore_rank=4)
     _, kwargs = hf.from_llamafactory(keys, args)
-    assert kwargs == {"name": "galore", "lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8,
+    assert kwargs == {"name": "galore", "lr": 1e-2, "weight_decay": 0.1,
                       "target_modules": ["q_proj", "v_proj"], "rank": 4, "update_proj_gap": 200, "scale": 2.0,
                       "proj_type": "std"}
     for keys, message in [({}, "neither use_apollo nor use_galore"), ({"use_apollo": True, "use_galore": True}, "exactly one"),
@@ -250,10 +250,10 @@ TRAINER_FIELDS = dict(max_steps=STEPS, save_steps=SAVE, save_strategy="steps", p
 
 
 def route_kwargs(route: str, name: str, folder) -> tuple[type, dict]:
-    """The same optimizer through each route (TrainingArguments' eps 1e-8 and betas in all three)."""
+    """The same optimizer through each route (the optimizer's own betas and eps in all three: TrainingArguments'
+    are left at their defaults, which are not passed on)."""
     args = training_args(folder)
-    common = {"lr": args.learning_rate, "weight_decay": args.weight_decay, "eps": args.adam_epsilon,
-              "betas": (args.adam_beta1, args.adam_beta2), "update_proj_gap": 2}
+    common = {"lr": args.learning_rate, "weight_decay": args.weight_decay, "update_proj_gap": 2}
     if route == "factory":
         return hf.OptimizerFactory, {"name": name, **common, **({} if name == "apollo_mini" else {"rank": 4})}
     if route == "training_args":
@@ -349,3 +349,30 @@ def test_factory_is_what_transformers_calls_a_factory():
     assert is_optimizer_factory(hf.OptimizerFactory) and not is_optimizer_factory(apollo.APOLLO)
     with pytest.raises(TypeError, match="lr"):
         hf.OptimizerFactory()(tiny_llama(), name="apollo")
+
+
+def test_trainer_route_keeps_an_optimizers_own_betas_unless_changed(tmp_path, caplog):
+    """SOAP's betas are (0.95, 0.95) and APOLLO's eps 1e-6: TrainingArguments' untouched defaults (0.9, 0.999,
+    1e-8) must not replace them; betas the user changed are passed; an optimizer without eps refuses one."""
+    model = tiny_llama()
+    with caplog.at_level("INFO", logger="apollo.hf"):
+        factory, kwargs = hf.from_training_args(training_args(tmp_path, optim_args="optimizer=soap"))
+    assert "betas" not in kwargs and "eps" not in kwargs
+    assert "soap with its own betas and eps" in caplog.text
+    soap = factory()(model, **kwargs)
+    assert soap.param_groups[0]["betas"] == (0.95, 0.95) and soap.param_groups[0]["eps"] == 1e-8
+    _, kwargs = hf.from_training_args(training_args(tmp_path, optim="apollo_adamw", optim_args="rank=4"))
+    assert hf.OptimizerFactory()(model, **kwargs).param_groups[0]["eps"] == 1e-6   # APOLLO's own
+    _, kwargs = hf.from_training_args(training_args(tmp_path, optim_args="optimizer=soap", adam_beta2=0.99))
+    assert kwargs["betas"] == (0.9, 0.99) and "eps" not in kwargs
+    assert factory()(model, **kwargs).param_groups[0]["betas"] == (0.9, 0.99)
+    # an optimizer with no eps (simulated by a registry entry without it) refuses a changed adam_epsilon
+    from dataclasses import replace
+    entry = apollo.REGISTRY["scale"]
+    apollo.REGISTRY["scale"] = replace(entry, options=entry.options - {"eps"})
+    try:
+        with pytest.raises(ValueError, match=r"^TrainingArguments.adam_epsilon is set but optimizer 'scale' has no "
+                                             r"eps: leave it at its default$"):
+            hf.from_training_args(training_args(tmp_path, optim_args="optimizer=scale", adam_epsilon=1e-6))
+    finally:
+        apollo.REGISTRY["scale"] = entry
