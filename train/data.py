@@ -36,8 +36,11 @@ files with the same tokenizer, the two paths yield bit-identical batches, epoch 
 it was saved in.
 
 Token ids: t5-base's SentencePiece pieces are ids 0..31999; its 100 `<extra_id_N>` tokens (32000..32099)
-come out only where a document contains that literal text (none of the local C4 sample does), and would
-be out of range for the protocol's vocab-32000 models.
+come out only where a document contains that literal text (none of the local C4 sample does; C4's 365M
+documents surely do), and would index past the protocol's vocab-32000 embeddings. Given the model's
+`vocab_size`, both loaders map every id >= vocab_size to the tokenizer's `<unk>` (inputs and labels) and
+count them (`TrainLoader.unk_mapped`, kept in its state; `EvalResult.unk_mapped`): the run logs the count
+as `data/unk_mapped_tokens` instead of crashing (`IndexError`, or a device-side assert on a GPU).
 """
 from __future__ import annotations
 
@@ -157,6 +160,21 @@ def pad_documents(documents: list[list[int]], tokenizer, max_length: int) -> dic
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def map_out_of_vocabulary(batch: dict[str, torch.Tensor], vocab_size: int | None, unk_token_id: int | None) -> int:
+    """In place: every id >= `vocab_size` in `input_ids` and `labels` becomes `unk_token_id` (labels' -100 stay);
+    returns how many input ids were mapped. `vocab_size` None: nothing to do."""
+    if vocab_size is None:
+        return 0
+    ids = batch["input_ids"]
+    outside = ids >= vocab_size
+    mapped = int(outside.sum())
+    if mapped:
+        ids[outside] = unk_token_id
+        labels = batch["labels"]
+        labels[labels >= vocab_size] = unk_token_id
+    return mapped
+
+
 def packed_rows(tokens: list[int], batch_size: int, max_length: int) -> dict[str, torch.Tensor]:
     """`batch_size * max_length` concatenated tokens as full rows: no padding, labels = ids."""
     ids = torch.from_numpy(np.fromiter(tokens, dtype=np.int64, count=len(tokens))).view(batch_size, max_length)
@@ -185,10 +203,11 @@ def tokenize_with_bytes(stream: datasets.IterableDataset, tokenizer, *, max_leng
 
 
 def iter_eval_batches(*, tokenizer, data_dir, max_length: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                      data_format: str = "auto"):
+                      data_format: str = "auto", vocab_size: int | None = None):
     """Validation batches of this rank, in file order (no shuffle): identical on every run.
 
-    Besides the padded rows each batch has `text_bytes` (B,): the UTF-8 bytes of the text each row covers.
+    Besides the padded rows each batch has `text_bytes` (B,): the UTF-8 bytes of the text each row covers,
+    and `unk_mapped`: how many of its ids were >= `vocab_size` and became `<unk>` (`map_out_of_vocabulary`).
     """
     _check_lengths(max_length=max_length, batch_size=batch_size, rank=rank, world_size=world_size)
     if check_data_source(data_dir, data_format) == "tokens":
@@ -203,10 +222,16 @@ def iter_eval_batches(*, tokenizer, data_dir, max_length: int, batch_size: int, 
         documents.append(row["input_ids"])
         covered.append(row["text_bytes"])
         if len(documents) == batch_size:
-            yield {**pad_documents(documents, tokenizer, max_length), "text_bytes": torch.tensor(covered)}
+            yield _eval_batch(documents, covered, tokenizer, max_length, vocab_size)
             documents, covered = [], []
     if documents:
-        yield {**pad_documents(documents, tokenizer, max_length), "text_bytes": torch.tensor(covered)}
+        yield _eval_batch(documents, covered, tokenizer, max_length, vocab_size)
+
+
+def _eval_batch(documents, covered, tokenizer, max_length: int, vocab_size: int | None) -> dict[str, Any]:
+    batch = pad_documents(documents, tokenizer, max_length)
+    mapped = map_out_of_vocabulary(batch, vocab_size, tokenizer.unk_token_id)
+    return {**batch, "text_bytes": torch.tensor(covered), "unk_mapped": mapped}
 
 
 def _check_lengths(*, max_length: int, batch_size: int, rank: int, world_size: int) -> None:
@@ -301,8 +326,11 @@ class TrainLoader:
         packing: bool,
         shuffle_buffer: int,
         data_format: str = "text",
+        vocab_size: int | None = None,
     ):
         self.documents = documents
+        self.vocab_size = vocab_size  # ids >= it become <unk> (counted in unk_mapped); None: ids kept as they are
+        self.unk_mapped = 0
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
@@ -352,9 +380,11 @@ class TrainLoader:
                 del self.ready[: self.used]
                 self.used = 0
             if self.packing:
-                yield packed_rows(chunk, self.batch_size, self.max_length)
+                batch = packed_rows(chunk, self.batch_size, self.max_length)
             else:
-                yield pad_documents(chunk, self.tokenizer, self.max_length)
+                batch = pad_documents(chunk, self.tokenizer, self.max_length)
+            self.unk_mapped += map_out_of_vocabulary(batch, self.vocab_size, self.tokenizer.unk_token_id)
+            yield batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         empty_passes = 0  # a resumed pass may have nothing left; two in a row means no data at all
@@ -400,6 +430,7 @@ class TrainLoader:
             "loader": None if self.stream_finished else self.loader.state_dict(),
             "buffer": self.buffer.state_dict(),
             "ready": ready,
+            "unk_mapped": self.unk_mapped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -414,6 +445,7 @@ class TrainLoader:
         self.buffer.load_state_dict(state["buffer"])
         self.ready = state["ready"].tolist() if self.packing else _decode_rows(state["ready"])
         self.used = 0
+        self.unk_mapped = int(state.get("unk_mapped", 0))  # states saved before the count existed: 0
 
 
 def build_train_loader(
@@ -429,11 +461,16 @@ def build_train_loader(
     packing: bool = False,
     shuffle_buffer: int = 10_000,
     data_format: str = "auto",
+    vocab_size: int | None = None,
 ) -> TrainLoader:
     """The endless training loader of `rank` (see the module docstring for the pipeline).
 
     `seed` decides the data order only (shard order and shuffle buffer); the trainer passes --data_seed.
+    `vocab_size` (the model's): ids >= it become the tokenizer's `<unk>`, counted in `loader.unk_mapped`.
     """
+    if vocab_size is not None and vocab_size < len(tokenizer) and tokenizer.unk_token_id is None:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} ids, the model {vocab_size}, and no unk token to map "
+                         f"the others to: use a model config with vocab_size >= {len(tokenizer)}")
     _check_lengths(max_length=max_length, batch_size=batch_size, rank=rank, world_size=world_size)
     if workers < 0:
         raise ValueError(f"workers {workers}: must be >= 0")
@@ -460,4 +497,5 @@ def build_train_loader(
         packing=packing,
         shuffle_buffer=shuffle_buffer,
         data_format=data_format,
+        vocab_size=vocab_size,
     )

@@ -46,6 +46,7 @@ class EvalResult:
     tokens: int
     bits_per_byte: float
     text_bytes: int
+    unk_mapped: int = 0  # ids >= the model's vocab_size scored as <unk> (this rank's count)
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -88,7 +89,7 @@ def evaluate(
         raise ValueError(f"eval_tokens {eval_tokens}: must be at least 1")
     budget = math.ceil(eval_tokens / world_size)  # this rank's share of the targets
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count, covered = 0, 0  # counted on the CPU copy of the labels: no device sync per batch
+    count, covered, unk_mapped = 0, 0, 0  # counted on the CPU copy of the labels: no device sync per batch
     was_training = model.training
     model.eval()
     try:
@@ -101,6 +102,7 @@ def evaluate(
                 rank=rank,
                 world_size=world_size,
                 data_format=data_format,
+                vocab_size=getattr(getattr(model, "config", None), "vocab_size", None),
             )
             batches = iter(batches)
             while True:
@@ -115,6 +117,7 @@ def evaluate(
                 loss_sum += batch_loss_sum(model, {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")})
                 count += count_targets(batch["labels"])
                 covered += int(batch["text_bytes"].sum())
+                unk_mapped += batch["unk_mapped"]
     finally:
         model.train(was_training)
     counts = torch.tensor([float(count), float(covered)], dtype=torch.float64, device=device)  # exact below 2**53
@@ -126,4 +129,5 @@ def evaluate(
         raise ValueError(f"validation data in {data_dir or 'the hub'} gave no target tokens at max_length {max_length}")
     loss = totals[0].item() / tokens
     return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=tokens,
-                      bits_per_byte=totals[0].item() / (math.log(2) * text_bytes), text_bytes=text_bytes)
+                      bits_per_byte=totals[0].item() / (math.log(2) * text_bytes), text_bytes=text_bytes,
+                      unk_mapped=unk_mapped)

@@ -82,7 +82,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     loader = build_train_loader(tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
                                 batch_size=config.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                 workers=config.workers, packing=config.packing, seed=config.data_seed,
-                                data_format=config.data_format)
+                                data_format=config.data_format, vocab_size=model.config.vocab_size)
     logger = MetricsLogger(run_dir, config.to_dict(), wandb_mode=config.wandb, project=config.project, name=config.name,
                            entity=config.entity, total_steps=config.num_training_steps, enabled=ctx.is_main)
     logger.summarize({f"params/{key}": value for key, value in counts.items()})
@@ -125,7 +125,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                           lockstep=config.fsdp, data_format=config.data_format)  # restores train mode
         state["last_eval_step"] = step
         logger.log({"eval/loss": result.loss, "eval/perplexity": result.perplexity, "eval/bits_per_byte": result.bits_per_byte,
-                    "eval/tokens": result.tokens, "eval/text_bytes": result.text_bytes}, step)
+                    "eval/tokens": result.tokens, "eval/text_bytes": result.text_bytes,
+                    **({"eval/unk_mapped_tokens": result.unk_mapped} if result.unk_mapped else {})}, step)
         logger.info(f"update {step}: eval loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
                     f"bits per byte {result.bits_per_byte:.4f}")
 
@@ -194,6 +195,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                            "grad_norm": float(grad_norm) if grad_norm is not None else None}
                 if state["skipped_updates"]:
                     metrics["skipped_updates"] = state["skipped_updates"]
+                if loader.unk_mapped:  # this rank's ids >= vocab_size read as <unk> so far (train.data)
+                    metrics["data/unk_mapped_tokens"] = loader.unk_mapped
                 if step == start_step + 1:
                     metrics["optimizer_state_bytes"] = apollo.optimizer_state_bytes(optimizer)
                     logger.summarize({"optimizer_state_bytes": metrics["optimizer_state_bytes"]})

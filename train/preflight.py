@@ -275,7 +275,9 @@ def check_tokenizer(tokenizer: Any, name: str, *, vocab_size: int, model_config:
         raise ConfigError(f"--tokenizer {name} has {size} token ids but vocab_size of --model_config {model_config} is "
                           f"{vocab_size}: ids {ordinary[0]}..{ordinary[-1]} would index past the embedding; "
                           f"use a model config with vocab_size >= {size}")
-    example = tokenizer.convert_ids_to_tokens(size - 1)
-    return [f"--tokenizer {name} has {size} token ids, vocab_size of --model_config {model_config} is {vocab_size}: "
-            f"ids {vocab_size}..{size - 1} are special tokens (such as {example}) that only a document containing "
-            f"their literal text produces, and would index past the embedding (vocab_size >= {size} avoids it)"]
+    if tokenizer.unk_token_id is None:
+        raise ConfigError(f"--tokenizer {name} has {size} token ids, vocab_size of --model_config {model_config} is "
+                          f"{vocab_size}, and no unk token to read ids {vocab_size}..{size - 1} as; use a model config "
+                          f"with vocab_size >= {size}")
+    return [f"token ids {vocab_size}..{size - 1} ({tokenizer.convert_ids_to_tokens(size - 1)} ...) read as "
+            f"{tokenizer.unk_token}; counted as data/unk_mapped_tokens"]

@@ -350,3 +350,58 @@ def test_the_seed_orders_the_shards_and_the_buffer(numbered_dir, tokenizer):
 def test_default_data_seed_is_the_order_of_earlier_runs():
     default = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}["data_seed"]
     assert default == inspect.signature(build_train_loader).parameters["seed"].default == 42
+
+
+# ----------------------------------------------------------------------------- ids past the embedding (issue 25)
+SENTINEL_TEXTS = ["plain text", "a literal <extra_id_0> in C4", "two <extra_id_0> and <extra_id_5>", "more plain text"]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_ids_past_the_vocabulary_become_unk_and_are_counted(tmp_path, tokenizer, packing):
+    """t5-base's <extra_id_0> is id 32099: a vocab-32000 model would index past its embedding. The loader maps
+    it to <unk> (inputs and labels), counts it, and the count survives a save/load of its state."""
+    assert tokenizer.convert_tokens_to_ids("<extra_id_0>") == 32099 and tokenizer.unk_token_id == 2
+    data = write_shards(tmp_path, [SENTINEL_TEXTS * 2])
+
+    def loader(**extra):
+        return build_train_loader(tokenizer=tokenizer, data_dir=data, max_length=16, batch_size=2, shuffle_buffer=1,
+                                  packing=packing, **extra)
+    raw = take(loader(), 2)                       # no vocab_size: ids as the tokenizer made them
+    mapped_loader = loader(vocab_size=32000)
+    mapped = take(mapped_loader, 2)
+    raw_ids = torch.cat([b["input_ids"] for b in raw])
+    sentinels = int((raw_ids >= 32000).sum())
+    assert sentinels >= 3 and int(raw_ids.max()) == 32099
+    assert mapped_loader.unk_mapped == sentinels
+    for before, after in zip(raw, mapped):
+        for key in ("input_ids", "labels"):
+            assert torch.equal(after[key], before[key].masked_fill(before[key] >= 32000, 2)), key
+    resumed = loader(vocab_size=32000)
+    resumed.load_state_dict(mapped_loader.state_dict())
+    assert resumed.unk_mapped == sentinels
+
+
+def test_eval_batches_map_and_count_ids_past_the_vocabulary(tmp_path, tokenizer):
+    data = write_shards(tmp_path, [["x"]], validation=SENTINEL_TEXTS)
+    batches = list(iter_eval_batches(tokenizer=tokenizer, data_dir=data, max_length=16, batch_size=2, vocab_size=32000))
+    assert [b["unk_mapped"] for b in batches] == [1, 2]
+    assert all(int(b["input_ids"].max()) < 32000 for b in batches)
+
+
+def test_a_run_on_documents_with_sentinels_trains_evaluates_and_logs_the_count(tmp_path, tokenizer_dir, capsys):
+    """End to end with a vocab-32000 model (the published configs' size): no IndexError, the count is logged."""
+    from tests.train.test_cli import read_metrics, tiny_args
+    texts = [f"{text} number {i}" for i in range(30) for text in SENTINEL_TEXTS]
+    data = write_shards(tmp_path / "data", [texts], validation=SENTINEL_TEXTS * 4)
+    argv = tiny_args(tmp_path, data, tokenizer_dir, tmp_path / "run", num_training_steps=2, eval_every=2,
+                     save_every=2, log_every=1)
+    config_path = next(tmp_path.glob("llama_tiny.json"))
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "vocab_size": 32000}))
+    assert trainer_cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "token ids 32000..32099 (<extra_id_0> ...) read as <unk>; counted as data/unk_mapped_tokens" in err
+    records = read_metrics(tmp_path / "run")
+    counts = [r["data/unk_mapped_tokens"] for r in records if "data/unk_mapped_tokens" in r]
+    assert counts and counts[-1] > 0
+    assert any(r.get("eval/unk_mapped_tokens", 0) > 0 for r in records)

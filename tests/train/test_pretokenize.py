@@ -298,3 +298,20 @@ def test_a_run_on_token_shards_equals_the_run_on_json(folders, tokenizer_dir, tm
         assert json_eval[key] == token_eval[key], key
     nats = json_eval["eval/loss"] * json_eval["eval/tokens"]
     assert json_eval["eval/bits_per_byte"] == pytest.approx(nats / (math.log(2) * json_eval["eval/text_bytes"]), rel=1e-12)
+
+
+def test_token_shards_map_ids_past_the_vocabulary_like_json(tmp_path, tokenizer_dir, tokenizer):
+    """Shards keep the tokenizer's ids (32099 for <extra_id_0>); both loaders map them to <unk> for a vocab-32000
+    model and count them alike, train and validation."""
+    from tests.train.test_data import SENTINEL_TEXTS
+    json_dir = write_shards(tmp_path / "json", [SENTINEL_TEXTS * 3], SENTINEL_TEXTS)
+    assert pretokenize.main(["--data_dir", str(json_dir), "--tokenizer", str(tokenizer_dir),
+                             "--out", str(tmp_path / "tokens")]) == 0
+    loaders = [build_train_loader(tokenizer=tokenizer, data_dir=folder, max_length=16, batch_size=2, shuffle_buffer=1,
+                                  vocab_size=32000) for folder in (json_dir, tmp_path / "tokens")]
+    batches = [take(loader, 3) for loader in loaders]
+    assert_same_batches(*batches)
+    assert loaders[0].unk_mapped == loaders[1].unk_mapped == 4
+    evals = [list(iter_eval_batches(tokenizer=tokenizer, data_dir=folder, max_length=16, batch_size=4, vocab_size=32000))
+             for folder in (json_dir, tmp_path / "tokens")]
+    assert [b["unk_mapped"] for b in evals[0]] == [b["unk_mapped"] for b in evals[1]] == [3]
