@@ -1,7 +1,7 @@
 """What a run will do, in a few lines, without doing it: the output of `python -m train ... --dry_run`.
 
-Everything is computed on the meta device (no weights, no data): the parameter split the optimizer will
-see, the batch arithmetic, steps and tokens, the memory modes (--weight_quant, --layerwise) and the memory
+Everything is computed on the meta device (no weights, no data): the param groups the optimizer's own routing
+makes, the batch arithmetic, steps and tokens, the memory modes (--weight_quant, --layerwise) and the memory
 estimate of train/memory/ for one process, with those modes: every term that adds up to the total, and
 the phase of the step that sets the peak (DDP's buckets; FSDP2's per-rank shards under --fsdp).
 """
@@ -19,14 +19,16 @@ _GROUP_SETTINGS = ("rank", "proj", "proj_type", "update_proj_gap", "scale", "sca
 
 
 def _optimizer_summary(config: TrainConfig, model) -> str:
-    """The optimizer, its param groups (tensors, lr) and the settings each group resolves to (presets filled in)."""
+    """The optimizer, its param groups as its own routing made them (tensors, values, lr) and the settings each
+    group resolves to (presets filled in): SCALE's, Muon's or Adam-mini's groups, not APOLLO's split."""
     optimizer = build_optimizer(model, config)
     groups = []
     for index, group in enumerate(optimizer.param_groups):
         settings = [f"{key} {group[key]:g}" if isinstance(group[key], float) else f"{key} {group[key]}"
                     for key in _GROUP_SETTINGS if key in group and group[key] is not None]
-        groups.append(f"{group.get('name', index)}: {len(group['params'])} tensors, lr {group['lr']:g}"
-                      + (f", {', '.join(settings)}" if settings else ""))
+        values = sum(p.numel() for p in group["params"]) / 1e6
+        groups.append(f"{group.get('name', index)}: {len(group['params'])} tensors ({values:.2f}M values), "
+                      f"lr {group['lr']:g}" + (f", {', '.join(settings)}" if settings else ""))
     betas = f"betas ({config.beta1}, {config.beta2})"
     return f"{config.optimizer} ({type(optimizer).__name__}), {betas}, states {config.state_dtype}; " + "; ".join(groups)
 
@@ -70,8 +72,7 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     return [
         f"dry run: {config.name} -> {config.save_dir}",
-        f"model: {config.model_config}: {counts['total'] / 1e6:.1f}M parameters = {counts['low_rank'] / 1e6:.1f}M low-rank "
-        f"(attn/mlp linears) + {counts['regular'] / 1e6:.1f}M regular (embeddings, lm_head, norms); {config.dtype}",
+        f"model: {config.model_config}: {counts['total'] / 1e6:.1f}M parameters; {config.dtype}",
         f"optimizer: {_optimizer_summary(config, model)}",
         f"memory modes: {_memory_modes(config)}",
         f"batch: {config.batch_size} sequences x {config.gradient_accumulation} accumulation x {processes} = "
