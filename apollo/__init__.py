@@ -32,3 +32,14 @@ __all__ = [
     "quantize_model",
     "register",
 ]
+
+
+def __getattr__(name: str):
+    """Deprecated public names, kept working: `apollo.OPTIMIZER_NAMES` (now `apollo.optimizer_names()`)."""
+    if name == "OPTIMIZER_NAMES":
+        import warnings
+
+        warnings.warn("apollo.OPTIMIZER_NAMES is deprecated: use apollo.optimizer_names()", DeprecationWarning,
+                      stacklevel=2)
+        return optimizer_names()
+    raise AttributeError(f"module 'apollo' has no attribute {name!r}")

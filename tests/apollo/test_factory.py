@@ -79,3 +79,12 @@ def test_default_rank_needs_a_hidden_size():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match="rank is required"):
         apollo.build_optimizer("apollo", model, lr=0.01, target_modules=("0",))
+
+
+def test_deprecated_optimizer_names_constant_still_works():
+    """apollo.OPTIMIZER_NAMES was removed without an alias when optimizer_names() came (issue 25.7)."""
+    with pytest.warns(DeprecationWarning, match=r"use apollo.optimizer_names\(\)"):
+        names = apollo.OPTIMIZER_NAMES
+    assert names == apollo.optimizer_names() and "apollo_mini" in names
+    with pytest.raises(AttributeError, match="has no attribute 'NO_SUCH_NAME'"):
+        apollo.NO_SUCH_NAME
