@@ -111,3 +111,38 @@ def test_refusals():
     with pytest.raises(ValueError, match="matched no parameters"):
         titan_groups.route([("a.weight", torch.nn.Parameter(torch.zeros(2)))], [
             {"pattern": "b", "optimizer_name": "adamw", "optimizer_kwargs": {}}])
+
+
+def torchtitan_init_step(optimizer):
+    """torchtitan 0.3's `init_optim_state` restated: zero gradients, every group's lr 0, one step, lr restored."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, saved):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", apollo.optimizer_names())
+def test_init_step_creates_all_state_and_moves_nothing(tiny_llama, name):
+    """torchtitan restores only the state keys its init step created: every optimizer must create all of them
+    on its first step, and that zero-gradient lr=0 step must leave the weights alone (decay included)."""
+    model = copy.deepcopy(tiny_llama)
+    try:
+        optimizer = apollo.build_optimizer(name, model, lr=1e-2, weight_decay=0.1)
+    except ImportError as error:  # adamw8bit without bitsandbytes
+        pytest.skip(str(error))
+    torchtitan_init_step(optimizer)
+    for p, q in zip(model.parameters(), tiny_llama.parameters()):
+        assert torch.equal(p, q)
+    after_init = {n: sorted(optimizer.state[p]) for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    assert {n: sorted(optimizer.state[p]) for n, p in model.named_parameters()} == after_init
