@@ -7,11 +7,11 @@ optimizer, in config order, and each group is ``{params, param_names, fused, for
 This module holds the two halves that need no torchtitan:
 
 - `group_plan(name, lr, ...)`: the pattern configs (as plain dicts) and the constructor kwargs that
-  reproduce `apollo.build_optimizer(name, model, lr, ...)`'s groups. For the low-rank family the
-  regular group comes first, as in `apollo.param_groups` (``[regular, low_rank]``): a parameter's
-  1-based position over the groups seeds its random projection, so the order is part of the update.
-  The regular pattern is the low-rank one negated (``^(?!.*?(?:LOW_RANK))``), so first-match-wins
-  gives the same split whichever group is listed first.
+  reproduce `apollo.build_optimizer(name, model, lr, ...)`'s groups, from the FQN patterns of a model
+  family (`LLAMA3`, `HF_LLAMA`: `FqnPatterns`). Groups keep the builders' order (for the low-rank
+  family ``[regular, low_rank]``: a parameter's 1-based position over the groups seeds its random
+  projection, so the order is part of the update); a catch-all group is the others' patterns negated
+  (``^(?!.*?(?:A|B))``), so first-match-wins gives the same split whichever group is listed first.
 - `build_from_groups(name, groups, **kwargs)`: any registered optimizer from such groups; torchtitan's
   ``fused``/``foreach`` group keys are dropped (they are torch.optim.AdamW's flags: APOLLO's own
   ``fused`` is a constructor kwarg), ``param_names`` is kept (torchtitan keys the checkpoint by it;
@@ -24,6 +24,7 @@ without torchtitan (tests/apollo/test_torchtitan_routing.py does that against `b
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -32,13 +33,32 @@ from .. import adam_mini, adamw8bit, factory, fira, muon, scale, soap
 from ..optimizer import APOLLO, GaLore
 from ..registry import canonical_name
 
-#: The low-rank weights of torchtitan's Llama-3 (``layers.N.attention.qkv_linear.wqkv``, ``.wo``,
-#: ``feed_forward.w1/w2/w3``): `apollo.param_groups`'s rule (Linear weights under "attention"/"feed_forward")
-#: as an FQN pattern. Activation-checkpoint or compile wrappers may insert path segments, hence ``(?:.*\.)?``;
-#: ``attention_norm`` does not match (no dot right after "attention").
-LLAMA3_LOW_RANK = r"(?:^|\.)layers\.\d+\.(?:.*\.)?(?:attention|feed_forward)\.(?:.*\.)?weight$"
-#: The same for this harness's transformers LLaMA (``model.layers.N.self_attn.q_proj``, ``mlp.gate_proj``...).
-HF_LLAMA_LOW_RANK = r"(?:^|\.)layers\.\d+\.(?:.*\.)?(?:self_attn|mlp)\.(?:.*\.)?weight$"
+@dataclass(frozen=True)
+class FqnPatterns:
+    """FQN regexes of one model family's parameter kinds, the module-type rules of the builders as names."""
+
+    matrices: str   # the Linear weights of the decoder layers: low-rank (APOLLO, GaLore, Fira), Muon, SCALE "hidden"
+    vectors: str    # the 1-D parameters (norm weights, biases): SOAP's and SCALE's Adam parameters
+    embedding: str  # the input embedding's weight (SCALE "embedding")
+    head: str       # the untied output head's weight (SCALE "lm_head")
+
+
+#: torchtitan's Llama-3 (``layers.N.attention.qkv_linear.wqkv``, ``.wo``, ``feed_forward.w1/w2/w3``,
+#: ``tok_embeddings``, ``lm_head``, ``*_norm``). Activation-checkpoint or compile wrappers may insert path
+#: segments, hence ``(?:.*\.)?``; ``attention_norm`` is no matrix (no dot right after "attention").
+LLAMA3 = FqnPatterns(
+    matrices=r"(?:^|\.)layers\.\d+\.(?:.*\.)?(?:attention|feed_forward)\.(?:.*\.)?weight$",
+    vectors=r"(?:norm\.weight|\.bias)$",
+    embedding=r"(?:^|\.)tok_embeddings\.weight$",
+    head=r"(?:^|\.)lm_head\.weight$",
+)
+#: This harness's transformers LLaMA (``model.layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ``embed_tokens``...).
+HF_LLAMA = FqnPatterns(
+    matrices=r"(?:^|\.)layers\.\d+\.(?:.*\.)?(?:self_attn|mlp)\.(?:.*\.)?weight$",
+    vectors=r"(?:norm\.weight|\.bias)$",
+    embedding=r"(?:^|\.)embed_tokens\.weight$",
+    head=r"(?:^|\.)lm_head\.weight$",
+)
 
 _DROPPED_GROUP_KEYS = ("fused", "foreach")  # torchtitan's implementation flags, meant for torch's Adam/AdamW
 
@@ -111,43 +131,77 @@ def _low_rank_setup(key: str, options: dict[str, Any], hidden_size: int | None) 
     return constructor, low_rank
 
 
-def group_plan(name: str, lr: float, weight_decay: float = 0.0, *, low_rank_pattern: str = LLAMA3_LOW_RANK,
+def _not(*patterns: str) -> str:
+    """A pattern that matches where none of `patterns` does (first-match-wins then keeps any group order)."""
+    return rf"^(?!.*?(?:{'|'.join(f'(?:{p})' for p in patterns)}))"
+
+
+def _check(key: str, options: dict[str, Any], allowed: Iterable[str]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"optimizer {key!r} does not take option(s) {', '.join(unknown)} here")
+
+
+def group_plan(name: str, lr: float, weight_decay: float = 0.0, *, fqns: FqnPatterns = LLAMA3,
                hidden_size: int | None = None, **options: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``(configs, constructor_kwargs)`` reproducing `apollo.build_optimizer(name, model, lr, weight_decay, **options)`.
 
     configs: dicts with ``pattern``, ``optimizer_name`` (the canonical name) and ``optimizer_kwargs``
-    (lr, weight_decay, the group's name and, for the low-rank group, its settings), in group order:
+    (lr, weight_decay, the group's name and settings), in `build_optimizer`'s group order:
     ``ParamGroupConfig(**config)`` each. constructor_kwargs: betas, eps, state_dtype, ... for
     ``optimizers_container.optimizer_factory_kwargs_by_name[name]``. Options as in `build_optimizer`
-    (None = default); rank None means ``hidden_size // 4``. `low_rank_pattern` stands in for
-    ``target_modules`` (an FQN regex of the low-rank weights; `LLAMA3_LOW_RANK` for torchtitan's Llama-3,
-    `HF_LLAMA_LOW_RANK` for this harness's model), so ``target_modules`` is refused.
+    (None = default); rank None means ``hidden_size // 4``. `fqns` stands in for the builders' module-type
+    rules (`LLAMA3` for torchtitan's Llama-3, `HF_LLAMA` for this harness's model), so ``target_modules``
+    is refused.
 
-    Covered: adamw and the low-rank family (apollo, apollo_mini, apollo_svd, galore, fira). The other
-    registered optimizers route by module type and model config (embeddings, heads, per-head blocks):
-    give their ``ParamGroupConfig`` entries by hand (the container builds any registered name).
+    Covered: adamw, adamw8bit, the low-rank family (apollo, apollo_mini, apollo_svd, galore, fira), muon,
+    soap and scale (untied heads: a tied head is no parameter of its own, and its pattern would match
+    nothing). adam_mini's blocks follow q/k/v projections and head counts (torchtitan fuses wqkv): give
+    its ``ParamGroupConfig`` entries by hand (the container builds any registered name).
     """
     key = canonical_name(name)
     options = {k: v for k, v in options.items() if v is not None}
     base = {"lr": lr, "weight_decay": weight_decay}
+
+    def config(pattern: str, **group: Any) -> dict[str, Any]:
+        return {"pattern": pattern, "optimizer_name": key, "optimizer_kwargs": {**base, **group}}
+
     if key == "adamw":
-        unknown = sorted(set(options) - {"betas", "eps"})
-        if unknown:
-            raise ValueError(f"optimizer 'adamw' does not take option(s) {', '.join(unknown)} here")
-        return [{"pattern": r".*", "optimizer_name": key, "optimizer_kwargs": base}], options
+        _check(key, options, ("betas", "eps"))
+        return [config(r".*")], options
+    if key == "adamw8bit":
+        _check(key, options, adamw8bit.OPTIONS)
+        if options.pop("state_dtype", None) not in (None, "float32", torch.float32):
+            raise ValueError("adamw8bit keeps uint8 codes with float32 scales: state_dtype must be None or float32")
+        return [config(r".*", name="all")], options
+    if key == "muon":
+        _check(key, options, muon.OPTIONS)
+        return [config(fqns.matrices, kind="muon", name="muon"),
+                config(_not(fqns.matrices), kind="adamw", name="adamw")], options
+    if key == "soap":
+        _check(key, options, soap.OPTIONS)
+        return [config(_not(fqns.vectors), name="rotated"), config(fqns.vectors, name="adam")], options
+    if key == "scale":
+        _check(key, options, scale.OPTIONS)
+        settings = {**scale.DEFAULTS, **options}
+        norm, momentum = settings["norm"], settings["momentum"]
+        configs = [
+            config(fqns.embedding, name="embedding", norm=norm, rule="column_norm", norm_dim=0),
+            config(fqns.head, name="lm_head", norm=norm, rule="momentum_column_norm", norm_dim=1, momentum=momentum),
+            config(fqns.matrices, name="hidden", norm=norm, rule="column_norm", norm_dim=1),
+            config(_not(fqns.embedding, fqns.head, fqns.matrices), name="adamw", norm=norm, rule="adamw"),
+        ]
+        configs[3]["optimizer_kwargs"]["lr"] = settings["adam_lr"]
+        constructor = {"momentum": momentum, "norm": norm, "betas": tuple(settings["betas"]), "eps": settings["eps"],
+                       "state_dtype": settings["state_dtype"]}
+        return configs, constructor
     if key not in factory.PRESETS and key != "fira":
-        raise ValueError(f"no FQN-pattern routing for {key!r} (it routes by module type and model config); "
+        raise ValueError(f"no FQN-pattern routing for {key!r} (its blocks follow module names and head counts); "
                          f"write its ParamGroupConfig entries with optimizer_name {key!r} by hand")
     if "target_modules" in options:
-        raise ValueError("target_modules is a module-name rule; give low_rank_pattern (an FQN regex) instead")
+        raise ValueError("target_modules is a module-name rule; give fqns (FqnPatterns) instead")
     constructor, low_rank = _low_rank_setup(key, options, hidden_size)
-    regular_pattern = rf"^(?!.*?(?:{low_rank_pattern}))"
-    configs = [
-        {"pattern": regular_pattern, "optimizer_name": key, "optimizer_kwargs": {**base, "name": "regular"}},
-        {"pattern": low_rank_pattern, "optimizer_name": key,
-         "optimizer_kwargs": {**base, "name": "low_rank", **low_rank}},
-    ]
-    return configs, constructor
+    return [config(_not(fqns.matrices), name="regular"), config(fqns.matrices, name="low_rank", **low_rank)], constructor
 
 
 def route(named_parameters: Iterable[tuple[str, torch.nn.Parameter]],

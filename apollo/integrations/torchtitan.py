@@ -15,7 +15,8 @@ In a torchtitan environment, ``pip install --no-deps /path/to/this/repo`` (``apo
   keys that step created; every registered optimizer creates its whole state on its first step
   (tests/apollo/test_torchtitan.py round-trips APOLLO and APOLLO-Mini through DCP).
 - `optimizer_config(name, lr, ...)`: the container's Config with `titan_groups.group_plan`'s groups
-  (`apollo.build_optimizer`'s routing, as FQN patterns of torchtitan's Llama-3).
+  (`apollo.build_optimizer`'s routing as FQN patterns of torchtitan's Llama-3; every registered name but
+  adam_mini, whose groups are written by hand).
 - `apollo_llama3_debugmodel`, `apollo_mini_llama3_debugmodel`: torchtitan's ``llama3_debugmodel`` job
   with that optimizer (rank: a quarter of the model dim for APOLLO, 1 for APOLLO-Mini; lr 1e-2).
 """
@@ -29,7 +30,7 @@ from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfi
 
 from ..registry import canonical_name
 from . import titan_groups
-from .titan_groups import LLAMA3_LOW_RANK, build_from_groups
+from .titan_groups import LLAMA3, FqnPatterns, build_from_groups
 
 
 class ApolloOptimizersContainer(OptimizersContainer):
@@ -48,11 +49,11 @@ class ApolloOptimizersContainer(OptimizersContainer):
         return lambda groups, **kwargs: build_from_groups(key, groups, **kwargs)
 
 
-def optimizer_config(name: str, lr: float, weight_decay: float = 0.0, *, low_rank_pattern: str = LLAMA3_LOW_RANK,
+def optimizer_config(name: str, lr: float, weight_decay: float = 0.0, *, fqns: FqnPatterns = LLAMA3,
                      hidden_size: int | None = None, **options: Any) -> ApolloOptimizersContainer.Config:
     """`ApolloOptimizersContainer.Config` that routes like `apollo.build_optimizer(name, model, lr, weight_decay,
     **options)` (see `titan_groups.group_plan` for the names, options and the pattern)."""
-    configs, constructor = titan_groups.group_plan(name, lr, weight_decay, low_rank_pattern=low_rank_pattern,
+    configs, constructor = titan_groups.group_plan(name, lr, weight_decay, fqns=fqns,
                                                    hidden_size=hidden_size, **options)
     key = configs[0]["optimizer_name"]
     return ApolloOptimizersContainer.Config(

@@ -43,26 +43,31 @@ def planned_names():
 
 def test_constructors_cover_the_registry():
     assert set(titan_groups.CONSTRUCTORS) == set(apollo.optimizer_names())
-    assert {"adamw", "apollo", "apollo_mini"} <= set(planned_names())
+    assert set(planned_names()) == set(apollo.optimizer_names()) - {"adam_mini"}  # adam_mini: by hand
 
 
 def test_llama3_pattern_picks_attention_and_feed_forward_weights():
-    low = re.compile(titan_groups.LLAMA3_LOW_RANK)
+    low = re.compile(titan_groups.LLAMA3.matrices)
     picked = [n for n in LLAMA3_NAMES if low.search(n)]
     assert picked == LLAMA3_NAMES[1:6]
     # activation checkpointing wraps each block: the wrapper's segment must not change the split
     wrapped = [n.replace("layers.0.", "layers.0._checkpoint_wrapped_module.") for n in LLAMA3_NAMES]
     assert [n for n in wrapped if low.search(n)] == wrapped[1:6]
-    regular = re.compile(rf"^(?!.*?(?:{titan_groups.LLAMA3_LOW_RANK}))")
+    regular = re.compile(titan_groups._not(titan_groups.LLAMA3.matrices))
     assert [n for n in LLAMA3_NAMES if regular.search(n)] == [LLAMA3_NAMES[0]] + LLAMA3_NAMES[6:]
+    kinds = {kind: [n for n in LLAMA3_NAMES if re.search(getattr(titan_groups.LLAMA3, kind), n)]
+             for kind in ("vectors", "embedding", "head")}
+    assert kinds == {"vectors": LLAMA3_NAMES[6:9], "embedding": ["tok_embeddings.weight"], "head": ["lm_head.weight"]}
+    rest = re.compile(titan_groups._not(titan_groups.LLAMA3.embedding, titan_groups.LLAMA3.head, titan_groups.LLAMA3.matrices))
+    assert [n for n in LLAMA3_NAMES if rest.search(n)] == LLAMA3_NAMES[6:9]
 
 
 @pytest.mark.parametrize("name", planned_names())
 def test_pattern_routing_equals_build_optimizer(tiny_llama, name):
-    options = {} if name == "adamw" else {"rank": 4, "update_proj_gap": 2}
+    options = {k: v for k, v in {"rank": 4, "update_proj_gap": 2}.items() if k in apollo.REGISTRY[name].options}
     reference_model, titan_model = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
     reference = apollo.build_optimizer(name, reference_model, lr=1e-2, weight_decay=0.1, **options)
-    configs, constructor = titan_groups.group_plan(name, 1e-2, 0.1, low_rank_pattern=titan_groups.HF_LLAMA_LOW_RANK,
+    configs, constructor = titan_groups.group_plan(name, 1e-2, 0.1, fqns=titan_groups.HF_LLAMA,
                                                    **options)
     groups = titan_groups.route(titan_model.named_parameters(), configs)
     assert list(groups) == [apollo.canonical_name(name)]
@@ -104,7 +109,7 @@ def test_refusals():
         titan_groups.build_from_groups("lion", [])
     with pytest.raises(ValueError, match="give rank, or hidden_size"):
         titan_groups.group_plan("apollo", 1e-2)
-    with pytest.raises(ValueError, match="give low_rank_pattern"):
+    with pytest.raises(ValueError, match="give fqns"):
         titan_groups.group_plan("apollo", 1e-2, rank=4, target_modules=("attn",))
     with pytest.raises(ValueError, match="does not take option"):
         titan_groups.group_plan("apollo", 1e-2, rank=4, momentum=0.9)
