@@ -30,7 +30,8 @@ definition and their difference against the implied one.
 --tasks: comma-separated lm-eval task names (default ``c4_local`` with --data_dir). Standard tasks
 (hellaswag, arc_easy, ...) need their datasets in the Hugging Face cache: run once with network
 (``HF_DATASETS_OFFLINE=0``) to download them, then offline. Exit status 0; 2 with one line for a bad
-input (no such folder, no checkpoint, no validation shards, an unknown task) before any model is loaded.
+input (no such folder, no checkpoint, no validation shards, an unknown task, a task whose data cannot be
+loaded, e.g. not in the cache while offline) before any model is loaded.
 """
 from __future__ import annotations
 
@@ -100,6 +101,12 @@ def evaluate(path: str | Path, tasks: list[str], *, data_dir: str | None = None,
     from lm_eval.models.huggingface import HFLM
 
     specs, manager = task_specs(tasks, data_dir)
+    try:  # the datasets, before any model is loaded: a standard task not in the cache fails here, offline
+        manager.load(specs)
+    except Exception as error:  # datasets' offline/connection/file errors differ by version: one line for all
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise EvaluateError(f"cannot load the data of {','.join(tasks)} ({type(error).__name__}: {first}); "
+                            f"a standard task downloads once with network (HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0)") from None
     with tempfile.TemporaryDirectory(prefix="evaluate_lm-") as scratch:
         folder = model_folder(Path(path), Path(scratch))
         model = HFLM(pretrained=str(folder), device=device, batch_size=batch_size, max_length=max_length)

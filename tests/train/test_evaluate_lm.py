@@ -97,3 +97,12 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("evaluate_lm: ") and message in err[0], (argv, err)
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow  # indexing lm-eval's ~15k task files takes 10-30 s
+def test_uncached_standard_task_exits_2_offline(tiny_run, capsys):
+    assert evaluate_lm.main([str(tiny_run / "run"), "--tasks", "hellaswag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load the data of hellaswag" in err[0] and "HF_DATASETS_OFFLINE=0" in err[0], err
+    assert evaluate_lm.main([str(tiny_run / "run"), "--tasks", "no_such_task"]) == 2
+    assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
