@@ -45,6 +45,9 @@ def test_apollo_through_torchtitan_container_and_dcp(tmp_path):
     print(report)
     assert report["apollo_file"].startswith(str(VENV))
     assert report["params"] == 6163712  # torchtitan's Llama-3 debug model: 256 dim, 6 layers, vocab 2048
+    for job, rank in (("apollo_llama3_debugmodel", 64), ("apollo_mini_llama3_debugmodel", 1)):
+        assert report["jobs"][job] == {"container": "ApolloOptimizersContainer", "steps": 3, "optimizers": ["APOLLO"],
+                                       "ranks": [None, rank]}
     for name in ("apollo", "apollo_mini"):
         result = report[name]
         assert result["same_groups"] and result["low_rank_tensors"] == 30  # 6 layers x (wqkv, wo, w1, w2, w3)

@@ -13,6 +13,9 @@ On torchtitan's Llama-3 debug model (dim 256, 6 layers, vocab 2048), for APOLLO 
    same gradients: the largest |difference| of weights and of every state tensor. ``flat_keys``: the
    number of entries of the flat state dict; ``init_moved``: whether the init step changed a weight.
 
+3. ``jobs``: the two job configs loaded by torchtitan's ``ConfigManager`` (``--module
+   apollo.integrations.torchtitan --config ...``, a CLI override), their containers built on the model.
+
 Gradients are seeded random tensors (no forward pass): the optimizer path is what is compared, and
 torchtitan's trainer needs CUDA-only pieces (FlexAttention, device memory calls) on this CPU.
 """
@@ -105,9 +108,25 @@ def check(name: str, model: torch.nn.Module) -> dict:
     return result
 
 
+def job_configs(model: torch.nn.Module) -> dict:
+    """The `--module apollo.integrations.torchtitan --config ...` jobs as torchtitan's ConfigManager loads them."""
+    from torchtitan.config import ConfigManager
+
+    result = {}
+    for name in ("apollo_llama3_debugmodel", "apollo_mini_llama3_debugmodel"):
+        config = ConfigManager().parse_args(["--module", "apollo.integrations.torchtitan", "--config", name,
+                                             "--training.steps", "3"])
+        container = config.optimizer.build(model_parts=[copy.deepcopy(model)])
+        result[name] = {"container": type(container).__name__, "steps": config.training.steps,
+                        "optimizers": [type(o).__name__ for o in container],
+                        "ranks": [g.get("rank") for g in container.optimizers[0].param_groups]}
+    return result
+
+
 def main() -> None:
     model = base_model()
     report = {"torch": torch.__version__, "apollo_file": apollo.__file__, "params": sum(p.numel() for p in model.parameters())}
+    report["jobs"] = job_configs(model)
     for name in RANKS:
         report[name] = check(name, model)
     print(json.dumps(report))
