@@ -8,7 +8,9 @@ int8 weights: `apollo.quantize_model(model)` before building the optimizer; per-
 during backward: `apollo.LayerwiseOptimizer(model, "apollo_mini", lr=0.01)`.
 """
 from .factory import PRESETS, optimizer_state_bytes, param_groups
-from .registry import ALIASES, REGISTRY, OptimizerEntry, build_optimizer, canonical_name, optimizer_names, register
+from .registry import (ALIASES, REGISTRY, OptimizerEntry, build_optimizer, canonical_name, get_spec,
+                       optimizer_names, register)
+from .spec import OptimizerSpec
 from .layerwise import LayerwiseOptimizer, check_layerwise
 from .optimizer import APOLLO, GaLore
 from .quant import QuantLinear, all_reduce_quantized_grads, quantize_model
@@ -20,11 +22,13 @@ __all__ = [
     "QuantLinear",
     "ALIASES",
     "OptimizerEntry",
+    "OptimizerSpec",
     "REGISTRY",
     "PRESETS",
     "all_reduce_quantized_grads",
     "build_optimizer",
     "canonical_name",
+    "get_spec",
     "check_layerwise",
     "optimizer_names",
     "optimizer_state_bytes",

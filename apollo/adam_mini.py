@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .spec import OptimizerSpec
 from . import quant, sharded
 from .state_dtypes import restore_saved_dtypes, state_dtype_name
 
@@ -353,3 +354,6 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
         raise ValueError(f"optimizer 'adam_mini' does not take option(s) {', '.join(unknown)}")
     options = {key: value for key, value in options.items() if value is not None}
     return AdamMini(partition(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
+
+
+SPEC = OptimizerSpec("adam_mini", build, OPTIONS, "Adam-mini: one second moment per block (head, row, token, tensor)")

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .spec import OptimizerSpec
 from . import quant, sharded
 
 logger = logging.getLogger(__name__)
@@ -156,3 +157,11 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
                 sum(p.numel() for p in eight_bit) / 1e6, len(params) - len(eight_bit),
                 sum(p.numel() for p in params if p.numel() < size) / 1e6, size)
     return optimizer_class()([{"params": params, "name": "all"}], lr=lr, weight_decay=weight_decay, **options)
+
+
+SPEC = OptimizerSpec(
+    "adamw8bit", build, OPTIONS, "bitsandbytes' 8-bit AdamW (optional dependency: pip install -e .[bnb])",
+    states_follow_weights=True,  # bitsandbytes' 8-bit codes
+    refuses={"weight_quant": "8-bit AdamW quantises states, not weights; it cannot update int8 weights",
+             "fsdp": "bitsandbytes' 8-bit states do not shard as DTensors"},
+)

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from .spec import OptimizerSpec
 from .optimizer import APOLLO, GaLore
 from .quant import is_quantized
 from .routing import DEFAULT_TARGETS, TargetSpec, check_coverage, target_weights, trainable
@@ -120,3 +122,25 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             elif isinstance(value, (int, float)):
                 total += 8
     return total
+
+
+_APOLLO_FLAGS = {"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type", "proj": "proj",
+                 "scale_type": "scale_type", "apollo_scale": "scale", "scale_front": "scale_front"}
+
+#: The specs of the optimizers this module builds (see apollo.spec).
+SPECS = (
+    OptimizerSpec("adamw", build_adamw, ADAMW_OPTIONS, "torch.optim.AdamW over every parameter (fused kernel on CUDA)",
+                  states_follow_weights=True,  # torch's AdamW keeps its moments in the weights' dtype
+                  refuses={"weight_quant": "torch.optim.AdamW cannot update int8 weights"}),
+    OptimizerSpec("apollo", partial(build_low_rank, "apollo"), LOWRANK_OPTIONS["apollo"],
+                  "APOLLO: random rank-r projection, channel-wise scaling of the raw gradient",
+                  aliases=("apollo_adamw",), flags=_APOLLO_FLAGS),
+    OptimizerSpec("apollo_mini", partial(build_low_rank, "apollo_mini"), LOWRANK_OPTIONS["apollo"],
+                  "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128", flags=_APOLLO_FLAGS),
+    OptimizerSpec("apollo_svd", partial(build_low_rank, "apollo_svd"), LOWRANK_OPTIONS["apollo"],
+                  "APOLLO with GaLore's SVD projection", flags=_APOLLO_FLAGS),
+    OptimizerSpec("galore", partial(build_low_rank, "galore"), LOWRANK_OPTIONS["galore"],
+                  "GaLore: Adam in an SVD subspace, projected back", aliases=("galore_adamw",),
+                  flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type",
+                         "galore_scale": "scale"}),
+)

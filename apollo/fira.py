@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .spec import OptimizerSpec
 from . import functional as F
 from .routing import DEFAULT_TARGETS
 from . import sharded
@@ -244,3 +245,11 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
                 len(groups[1]["params"]), lowrank["rank"], lowrank["alpha"], lowrank["update_proj_gap"],
                 "paper" if lowrank["paper_form"] else "code", len(groups[0]["params"]))
     return Fira(groups, lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
+
+
+SPEC = OptimizerSpec(
+    "fira", build, OPTIONS, "Fira: GaLore + the norm-scaled residual outside the subspace, limiter on the residual",
+    aliases=("fira_adamw",),
+    flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type", "fira_alpha": "alpha",
+           "fira_paper_form": "paper_form"},
+)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .spec import OptimizerSpec
 from . import quant, sharded
 
 logger = logging.getLogger(__name__)
@@ -345,3 +346,14 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     groups = [{"params": muon, "kind": "muon", "name": "muon"},
               {"params": adamw, "kind": "adamw", "name": "adamw"}]
     return MuonAdamW(groups, lr=lr, weight_decay=weight_decay, **options)
+
+
+SPEC = OptimizerSpec(
+    "muon", build, OPTIONS,
+    "torch.optim.Muon on the decoder matrices + torch.optim.AdamW on embeddings, lm_head, norms",
+    flags={"adam_lr": "adam_lr", "muon_momentum": "momentum", "muon_no_nesterov": "nesterov",
+           "muon_adjust_lr": "adjust_lr_fn"},
+    negated_flags=frozenset({"muon_no_nesterov"}),  # the flag turns Nesterov off: the option is its negation
+    states_follow_weights=True,  # torch's Muon and AdamW keep their states in the weights' dtype
+    refuses={"weight_quant": "Newton-Schulz on re-quantised int8 weights is not a published method"},
+)

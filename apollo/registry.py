@@ -1,4 +1,4 @@
-"""The one registry: optimizer name -> builder, the options it takes, and a one-line summary.
+"""The one registry: optimizer name -> its `OptimizerSpec` (apollo/spec.py), declared in its own module.
 
 `build_optimizer(name, model, lr, weight_decay, **options)` is the one door the training harness
 (and `apollo.hf`) goes through. Each entry's builder decides the routing of every parameter in one
@@ -7,55 +7,41 @@ flag is never silently ignored.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import adam_mini, adamw8bit, factory, fira, muon, scale, soap
+from .spec import OptimizerSpec
 
 
-@dataclass(frozen=True)
-class OptimizerEntry:
-    """How to build one named optimizer, which options it takes, and what it is (for --help and the README)."""
-
-    build: Callable[..., torch.optim.Optimizer]  # (model, lr, weight_decay, **options) -> optimizer
-    options: frozenset[str]
-    summary: str
+#: Every optimizer's spec, in registration order: the APOLLO family's module first, then one per peer.
+SPECS: tuple[OptimizerSpec, ...] = (*factory.SPECS, fira.SPEC, scale.SPEC, muon.SPEC, adam_mini.SPEC, soap.SPEC,
+                                    adamw8bit.SPEC)
+REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in SPECS}
+ALIASES: dict[str, str] = {alias: spec.name for spec in SPECS for alias in spec.aliases}
 
 
-REGISTRY: dict[str, OptimizerEntry] = {
-    "adamw": OptimizerEntry(factory.build_adamw, factory.ADAMW_OPTIONS,
-                            "torch.optim.AdamW over every parameter (fused kernel on CUDA)"),
-    "apollo": OptimizerEntry(partial(factory.build_low_rank, "apollo"), factory.LOWRANK_OPTIONS["apollo"],
-                             "APOLLO: random rank-r projection, channel-wise scaling of the raw gradient"),
-    "apollo_mini": OptimizerEntry(partial(factory.build_low_rank, "apollo_mini"), factory.LOWRANK_OPTIONS["apollo"],
-                                  "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128"),
-    "apollo_svd": OptimizerEntry(partial(factory.build_low_rank, "apollo_svd"), factory.LOWRANK_OPTIONS["apollo"],
-                                 "APOLLO with GaLore's SVD projection"),
-    "galore": OptimizerEntry(partial(factory.build_low_rank, "galore"), factory.LOWRANK_OPTIONS["galore"],
-                             "GaLore: Adam in an SVD subspace, projected back"),
-    "fira": OptimizerEntry(fira.build, fira.OPTIONS,
-                           "Fira: GaLore + the norm-scaled residual outside the subspace, limiter on the residual"),
-    "scale": OptimizerEntry(scale.build, scale.OPTIONS,
-                            "SCALE: column-normalised SGD, lm_head momentum, AdamW for the norms (no state per matrix)"),
-    "muon": OptimizerEntry(muon.build, muon.OPTIONS,
-                           "torch.optim.Muon on the decoder matrices + torch.optim.AdamW on embeddings, lm_head, norms"),
-    "adam_mini": OptimizerEntry(adam_mini.build, adam_mini.OPTIONS,
-                                "Adam-mini: one second moment per block (head, row, token, tensor)"),
-    "soap": OptimizerEntry(soap.build, soap.OPTIONS, "SOAP: Adam in the eigenbasis of Shampoo's preconditioners"),
-    "adamw8bit": OptimizerEntry(adamw8bit.build, adamw8bit.OPTIONS,
-                                "bitsandbytes' 8-bit AdamW (optional dependency: pip install -e .[bnb])"),
-}
-ALIASES = {"apollo_adamw": "apollo", "galore_adamw": "galore", "fira_adamw": "fira", "scale_sgd": "scale"}
+def OptimizerEntry(build, options, summary, **fields) -> OptimizerSpec:  # noqa: N802 (a deprecated class name)
+    """Deprecated: the registry's entries before `OptimizerSpec`, ``OptimizerEntry(build, options, summary)``;
+    returns a spec without a name, which ``register(name, entry)`` gives it."""
+    return OptimizerSpec("", build, options, summary, **fields)
 
 
-def register(name: str, entry: OptimizerEntry, *aliases: str) -> None:
-    """Add an optimizer (and its aliases) to the registry."""
-    REGISTRY[name] = entry
-    ALIASES.update({alias: name for alias in aliases})
+def register(spec: OptimizerSpec | str, entry: OptimizerSpec | None = None, *aliases: str) -> None:
+    """Add an optimizer to the registry: ``register(spec)`` (its name and aliases are the spec's), or the older
+    ``register(name, entry, *aliases)``. Everything the harness derives from the registry then includes it."""
+    if isinstance(spec, str):
+        from dataclasses import replace
+        spec = replace(entry, name=spec, aliases=tuple(entry.aliases) + aliases)
+    REGISTRY[spec.name] = spec
+    ALIASES.update({alias: spec.name for alias in spec.aliases})
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    """The spec of an optimizer name or alias; ValueError (one line) for an unknown one."""
+    return REGISTRY[canonical_name(name)]
 
 
 def optimizer_names() -> tuple[str, ...]:

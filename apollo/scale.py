@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .spec import OptimizerSpec
 from . import quant, sharded
 from .state_dtypes import restore_saved_dtypes
 from .optimizer import STATE_DTYPES, _state_dtype_name
@@ -350,3 +351,10 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     groups = param_groups(model, lr, adam_lr=settings["adam_lr"], momentum=settings["momentum"], norm=settings["norm"])
     return SCALE(groups, lr=lr, weight_decay=weight_decay, momentum=settings["momentum"], norm=settings["norm"],
                  betas=tuple(settings["betas"]), eps=settings["eps"], state_dtype=settings["state_dtype"])
+
+
+SPEC = OptimizerSpec(
+    "scale", build, OPTIONS, "SCALE: column-normalised SGD, lm_head momentum, AdamW for the norms (no state per matrix)",
+    aliases=("scale_sgd",),
+    flags={"adam_lr": "adam_lr", "scale_momentum": "momentum", "scale_norm": "norm"},
+)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .spec import OptimizerSpec
 from . import functional as F
 from . import quant, sharded
 from .state_dtypes import STATE_DTYPES as ALL_STATE_DTYPES, restore_saved_dtypes, state_dtype_name
@@ -413,3 +414,13 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     )
     groups = [{"params": matrices, "name": "rotated"}, {"params": others, "name": "adam"}]
     return SOAP([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, **options)
+
+
+SPEC = OptimizerSpec(
+    "soap", build, OPTIONS, "SOAP: Adam in the eigenbasis of Shampoo's preconditioners",
+    flags={"soap_precondition_frequency": "precondition_frequency", "soap_max_precond_dim": "max_precond_dim",
+           "soap_shampoo_beta": "shampoo_beta"},
+    default_betas=(0.95, 0.95),  # SOAP.__init__'s defaults (tested against them)
+    refuses={"weight_quant": "SOAP has no int8 weight path",
+             "fsdp": "SOAP's preconditioners need whole matrices (no gathered update yet)"},
+)

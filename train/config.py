@@ -95,9 +95,8 @@ class TrainConfig:
                                         "round(fraction x num_training_steps) updates, at least 1", above=0.0, high=1.0)
 
     # -- optimizer -------------------------------------------------------------------------------
-    optimizer: str = option("adamw", "one of apollo.optimizer_names(): adamw | apollo | apollo_mini | apollo_svd | galore | "
-                                     "fira | scale | muon | adam_mini | soap | adamw8bit (aliases apollo_adamw, galore_adamw, "
-                                     "fira_adamw, scale_sgd)")
+    optimizer: str = option("adamw", f"one of apollo.optimizer_names(): {' | '.join(apollo.optimizer_names())} "
+                                     f"(aliases {', '.join(apollo.ALIASES)})")
     weight_decay: float = option(0.0, "decoupled weight decay", low=0.0)
     beta1: Optional[float] = option(None, "first-moment decay, passed to every optimizer (default: the optimizer's; 0.9, "
                                           "SOAP 0.95)", low=0.0, below=1.0)

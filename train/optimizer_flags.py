@@ -1,68 +1,67 @@
-"""Which optimizer takes which flag, and which memory/parallel modes each optimizer supports.
+"""Which optimizer takes which flag, and which memory/parallel modes each optimizer supports: views of the
+optimizer specs (`apollo.spec.OptimizerSpec`, collected in `apollo.REGISTRY`); no optimizer is named here.
 
 `FLAG_OPTIONS` maps every optimizer-specific TrainConfig field to the `apollo.build_optimizer` option it
 sets, per optimizer: a flag given to an optimizer that does not take it is refused with one line (a flag
 is never silently ignored). `optimizer_options(config)` is what the trainer passes to the registry.
-`MODES` says which optimizers can run under --weight_quant, --layerwise and --fsdp, and why not where
-they cannot; `check_modes` turns that into one-line errors before anything is built.
+`MODES` says which optimizers cannot run under --weight_quant, --layerwise and --fsdp, and why;
+`check_modes` turns that into one-line errors before anything is built. The tables are live: an
+optimizer registered later (`apollo.register`) is in them.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
+
+import apollo
+from apollo.spec import MODES as MODE_NAMES, STANDARD_BETAS
+
+
+class _RegistryView(Mapping):
+    """A read-only mapping recomputed from the registry at each use."""
+
+    def __init__(self, compute: Callable[[], dict]):
+        self._compute = compute
+
+    def __getitem__(self, key):
+        return self._compute()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._compute())
+
+    def __len__(self) -> int:
+        return len(self._compute())
+
+    def __repr__(self) -> str:
+        return repr(self._compute())
+
+
+def _flag_options() -> dict[str, dict[str, str]]:
+    table: dict[str, dict[str, str]] = {}
+    for spec in apollo.REGISTRY.values():
+        for flag, option in spec.flags.items():
+            table.setdefault(flag, {})[spec.name] = option
+    return table
+
 
 #: flag (TrainConfig field) -> {canonical optimizer name: build_optimizer option key}
-_APOLLO_FAMILY = ("apollo", "apollo_mini", "apollo_svd")
-_LOW_RANK = _APOLLO_FAMILY + ("galore", "fira")
-FLAG_OPTIONS: dict[str, dict[str, str]] = {
-    "rank": {name: "rank" for name in _LOW_RANK},
-    "update_proj_gap": {name: "update_proj_gap" for name in _LOW_RANK},
-    "proj_type": {name: "proj_type" for name in _LOW_RANK},
-    "proj": {name: "proj" for name in _APOLLO_FAMILY},
-    "scale_type": {name: "scale_type" for name in _APOLLO_FAMILY},
-    "apollo_scale": {name: "scale" for name in _APOLLO_FAMILY},
-    "scale_front": {name: "scale_front" for name in _APOLLO_FAMILY},
-    "galore_scale": {"galore": "scale"},
-    "fira_alpha": {"fira": "alpha"},
-    "fira_paper_form": {"fira": "paper_form"},
-    "adam_lr": {"scale": "adam_lr", "muon": "adam_lr"},
-    "scale_momentum": {"scale": "momentum"},
-    "scale_norm": {"scale": "norm"},
-    "muon_momentum": {"muon": "momentum"},
-    "muon_no_nesterov": {"muon": "nesterov"},  # the flag turns Nesterov off: the option is its negation
-    "muon_adjust_lr": {"muon": "adjust_lr_fn"},
-    "soap_precondition_frequency": {"soap": "precondition_frequency"},
-    "soap_max_precond_dim": {"soap": "max_precond_dim"},
-    "soap_shampoo_beta": {"soap": "shampoo_beta"},
-}
-_NEGATED = {"muon_no_nesterov"}
-
-#: betas an optimizer uses when --beta1/--beta2 are not given (apollo.soap.SOAP's defaults; tested against them)
-DEFAULT_BETAS: dict[str, tuple[float, float]] = {"soap": (0.95, 0.95)}
-STANDARD_BETAS = (0.9, 0.999)
-
-#: optimizers whose states always follow the weights' dtype (torch's AdamW and Muon, bitsandbytes' 8-bit codes)
-PARAM_DTYPE_STATES = frozenset({"adamw", "muon", "adamw8bit"})
-
+FLAG_OPTIONS: Mapping[str, dict[str, str]] = _RegistryView(_flag_options)
+#: betas an optimizer uses when --beta1/--beta2 are not given, where they differ from (0.9, 0.999)
+DEFAULT_BETAS: Mapping[str, tuple[float, float]] = _RegistryView(
+    lambda: {s.name: s.default_betas for s in apollo.REGISTRY.values() if s.default_betas != STANDARD_BETAS})
+#: optimizers whose states always follow the weights' dtype (`name in PARAM_DTYPE_STATES`)
+PARAM_DTYPE_STATES: Mapping[str, bool] = _RegistryView(
+    lambda: {s.name: True for s in apollo.REGISTRY.values() if s.states_follow_weights})
 #: mode -> {optimizer: why it cannot run in that mode}; an optimizer absent from a mode's table supports it
-MODES: dict[str, dict[str, str]] = {
-    "weight_quant": {
-        "adamw": "torch.optim.AdamW cannot update int8 weights",
-        "muon": "Newton-Schulz on re-quantised int8 weights is not a published method",
-        "soap": "SOAP has no int8 weight path",
-        "adamw8bit": "8-bit AdamW quantises states, not weights; it cannot update int8 weights",
-    },
-    "layerwise": {},
-    "fsdp": {
-        "soap": "SOAP's preconditioners need whole matrices (no gathered update yet)",
-        "adamw8bit": "bitsandbytes' 8-bit states do not shard as DTensors",
-    },
-}
+MODES: Mapping[str, dict[str, str]] = _RegistryView(
+    lambda: {mode: {s.name: s.refuses[mode] for s in apollo.REGISTRY.values() if mode in s.refuses}
+             for mode in MODE_NAMES})
 
 
 def default_betas(optimizer: str) -> tuple[float, float]:
-    """The (beta1, beta2) an optimizer uses when none are given."""
-    return DEFAULT_BETAS.get(optimizer, STANDARD_BETAS)
+    """The (beta1, beta2) an optimizer uses when none are given (its spec's)."""
+    return apollo.get_spec(optimizer).default_betas
 
 
 def refused_flags(config: Any, defaults: dict[str, Any]) -> list[str]:
@@ -86,8 +85,9 @@ def optimizer_options(config: Any) -> dict[str, Any]:
     options: dict[str, Any] = {"betas": (config.beta1, config.beta2), "eps": config.eps}
     if config.optimizer not in PARAM_DTYPE_STATES:
         options["state_dtype"] = "float32" if config.state_dtype == "float32" else None
-    for flag, takers in FLAG_OPTIONS.items():
+    spec = apollo.get_spec(config.optimizer)
+    for flag, option in spec.flags.items():
         value = getattr(config, flag)
-        if config.optimizer in takers and value != defaults[flag]:
-            options[takers[config.optimizer]] = (not value) if flag in _NEGATED else value
+        if value != defaults[flag]:
+            options[option] = spec.flag_value(flag, value)
     return {key: value for key, value in options.items() if value is not None}
