@@ -356,4 +356,5 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     return AdamMini(partition(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
 
 
-SPEC = OptimizerSpec("adam_mini", build, OPTIONS, "Adam-mini: one second moment per block (head, row, token, tensor)")
+SPEC = OptimizerSpec("adam_mini", build, OPTIONS, "Adam-mini: one second moment per block (head, row, token, tensor)",
+                     smoke_lr=3e-3, smoke_flags={"lr": 0.003})

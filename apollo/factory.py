@@ -131,16 +131,18 @@ _APOLLO_FLAGS = {"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_typ
 SPECS = (
     OptimizerSpec("adamw", build_adamw, ADAMW_OPTIONS, "torch.optim.AdamW over every parameter (fused kernel on CUDA)",
                   states_follow_weights=True,  # torch's AdamW keeps its moments in the weights' dtype
-                  refuses={"weight_quant": "torch.optim.AdamW cannot update int8 weights"}),
+                  refuses={"weight_quant": "torch.optim.AdamW cannot update int8 weights"},
+                  smoke_lr=3e-3, smoke_flags={"lr": 0.003}),
     OptimizerSpec("apollo", partial(build_low_rank, "apollo"), LOWRANK_OPTIONS["apollo"],
                   "APOLLO: random rank-r projection, channel-wise scaling of the raw gradient",
-                  aliases=("apollo_adamw",), flags=_APOLLO_FLAGS),
+                  aliases=("apollo_adamw",), flags=_APOLLO_FLAGS, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
     OptimizerSpec("apollo_mini", partial(build_low_rank, "apollo_mini"), LOWRANK_OPTIONS["apollo"],
-                  "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128", flags=_APOLLO_FLAGS),
+                  "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128", flags=_APOLLO_FLAGS,
+                  smoke_options={"update_proj_gap": 2}, smoke_flags={"update_proj_gap": 2}),
     OptimizerSpec("apollo_svd", partial(build_low_rank, "apollo_svd"), LOWRANK_OPTIONS["apollo"],
-                  "APOLLO with GaLore's SVD projection", flags=_APOLLO_FLAGS),
+                  "APOLLO with GaLore's SVD projection", flags=_APOLLO_FLAGS, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
     OptimizerSpec("galore", partial(build_low_rank, "galore"), LOWRANK_OPTIONS["galore"],
                   "GaLore: Adam in an SVD subspace, projected back", aliases=("galore_adamw",),
                   flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type",
-                         "galore_scale": "scale"}),
+                         "galore_scale": "scale"}, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
 )

@@ -252,4 +252,5 @@ SPEC = OptimizerSpec(
     aliases=("fira_adamw",),
     flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type", "fira_alpha": "alpha",
            "fira_paper_form": "paper_form"},
+    smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2, "fira_alpha": 0.25},
 )

@@ -356,4 +356,5 @@ SPEC = OptimizerSpec(
     negated_flags=frozenset({"muon_no_nesterov"}),  # the flag turns Nesterov off: the option is its negation
     states_follow_weights=True,  # torch's Muon and AdamW keep their states in the weights' dtype
     refuses={"weight_quant": "Newton-Schulz on re-quantised int8 weights is not a published method"},
+    smoke_lr=0.02, smoke_options={"adam_lr": 3e-3}, smoke_flags={"lr": 0.02, "adam_lr": 0.003},
 )

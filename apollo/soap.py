@@ -423,4 +423,6 @@ SPEC = OptimizerSpec(
     default_betas=(0.95, 0.95),  # SOAP.__init__'s defaults (tested against them)
     refuses={"weight_quant": "SOAP has no int8 weight path",
              "fsdp": "SOAP's preconditioners need whole matrices (no gathered update yet)"},
+    smoke_lr=3e-3, smoke_options={"precondition_frequency": 2},
+    smoke_flags={"lr": 0.003, "soap_precondition_frequency": 2},
 )

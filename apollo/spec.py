@@ -35,6 +35,10 @@ class OptimizerSpec:
     default_betas: what it uses when ``--beta1/--beta2`` are not given.
     states_follow_weights: its states always take the weights' dtype (no float32 states for bf16 weights).
     refuses: mode (one of `MODES`) -> why it cannot run in it.
+    smoke_lr, smoke_options: an lr and options that train a tiny LLaMA in a few updates and reach the
+    optimizer's periodic work (a projection or basis refresh every 2 updates): what the contract tests
+    (tests/apollo/test_contract.py) and the CLI smoke runs use. smoke_flags: the training CLI flags of the
+    same settings (a flag name -> value), for the 4-update runs of tests/train/test_peers.py.
     """
 
     name: str
@@ -47,17 +51,25 @@ class OptimizerSpec:
     default_betas: tuple[float, float] = STANDARD_BETAS
     states_follow_weights: bool = False
     refuses: Mapping[str, str] = field(default_factory=dict)
+    smoke_lr: float = 1e-2
+    smoke_options: Mapping[str, Any] = field(default_factory=dict)
+    smoke_flags: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", frozenset(self.options))
         object.__setattr__(self, "flags", _frozen(self.flags))
         object.__setattr__(self, "refuses", _frozen(self.refuses))
+        object.__setattr__(self, "smoke_options", _frozen(self.smoke_options))
+        object.__setattr__(self, "smoke_flags", _frozen(self.smoke_flags))
         unknown_modes = sorted(set(self.refuses) - set(MODES))
         if unknown_modes:
             raise ValueError(f"OptimizerSpec {self.name!r}: unknown mode(s) {unknown_modes}; modes are {MODES}")
         unknown_options = sorted(set(self.flags.values()) - self.options)
         if unknown_options:
             raise ValueError(f"OptimizerSpec {self.name!r}: flags set option(s) {unknown_options} it does not take")
+        unknown_smoke = sorted(set(self.smoke_options) - self.options)
+        if unknown_smoke:
+            raise ValueError(f"OptimizerSpec {self.name!r}: smoke_options {unknown_smoke} are not among its options")
         if not set(self.negated_flags) <= set(self.flags):
             raise ValueError(f"OptimizerSpec {self.name!r}: negated flags must be among its flags")
 

@@ -158,26 +158,6 @@ def _train(opt, params, start, stop):
         opt.step()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_resume_is_bit_identical(dtype):
-    straight = _params(dtype)
-    opt = optimizer_class()(straight, lr=LR, weight_decay=WD)
-    _train(opt, straight, 0, 6)
-
-    first = _params(dtype)
-    opt_first = optimizer_class()(first, lr=LR, weight_decay=WD)
-    _train(opt_first, first, 0, 3)
-    saved = _roundtrip(opt_first.state_dict())  # weights_only=True: tensors and plain values only
-    resumed = [nn.Parameter(p.detach().clone()) for p in first]
-    opt_resumed = optimizer_class()(resumed, lr=LR, weight_decay=WD)
-    opt_resumed.load_state_dict(saved)
-    assert opt_resumed.state[resumed[1]]["state1"].dtype == torch.float32  # float32 state of a bf16 weight survives
-    assert opt_resumed.state[resumed[0]]["state1"].dtype == torch.uint8
-    _train(opt_resumed, resumed, 3, 6)
-    for a, b in zip(straight, resumed):
-        assert a.dtype == dtype and torch.equal(a, b)
-
-
 # --------------------------------------------------------------------------- layer-wise rebuild
 def test_layerwise_rebuild_equals_joint_and_keeps_min_8bit_size():
     joint_model, single_model = _tiny_llama(seed=0), _tiny_llama(seed=0)
@@ -261,17 +241,3 @@ def test_sharded_parameters_are_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------------- tiny LLaMA
-def test_tiny_llama_loss_falls():
-    model = _tiny_llama()
-    batch = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
-    opt = build(model, lr=3e-3)
-    losses = []
-    for _ in range(25):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    assert losses[0] == pytest.approx(4.85, abs=0.1)
-    assert losses[-1] < 0.75 * losses[0], losses
-    assert all(math.isfinite(x) for x in losses)

@@ -1,13 +1,82 @@
-"""The contract every registered optimizer keeps, parametrised over `apollo.optimizer_names()`.
+"""The contract every registered optimizer keeps, parametrised over `apollo.optimizer_names()` (torch's
+`optim_db` is the model): exact resume through ``torch.load(weights_only=True)``, layer-wise equals joint,
+bf16 weights with float32 states (or states that follow the weights, as the spec says) and a load that keeps
+their dtype, int8 weights or the spec's refusal, a meta-device step that creates the real state, torch.optim's
+closure / lr-scheduler / hook / add_param_group protocol, a loss that falls, and no crippling zero-gradient step.
 
-A new optimizer gets these tests by being registered; its own test file holds only its math.
+A new optimizer gets these tests by being registered; its own test file holds only its math. Settings come
+from its spec (`smoke_lr`, `smoke_options`: a refresh every 2 updates where the optimizer has one).
 """
+import io
+
 import pytest
 import torch
 
 import apollo
+from apollo.layerwise import LayerwiseOptimizer
 
 NAMES = apollo.optimizer_names()
+STEPS = 4
+VOCAB = 256  # tests/conftest.TINY_LLAMA
+
+
+def _spec(name):
+    return apollo.get_spec(name)
+
+
+def _build(name, model, **extra):
+    spec = _spec(name)
+    return apollo.build_optimizer(name, model, lr=spec.smoke_lr, weight_decay=0.1, **{**spec.smoke_options, **extra})
+
+
+def _batch(step):
+    return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(100 + step))
+
+
+def _schedule(step):  # every update its own lr, as train/loop.py sets it
+    return [0.5, 1.0, 0.8, 0.6, 0.4, 0.2][step]
+
+
+def _train(model, optimizer, start, stop, *, layerwise=False):
+    base = None if layerwise else [group["lr"] for group in optimizer.param_groups]
+    for step in range(start, stop):
+        if not layerwise:
+            for group, lr in zip(optimizer.param_groups, base):
+                group["lr"] = lr * _schedule(step)
+        model(input_ids=_batch(step), labels=_batch(step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not layerwise:
+            for group, lr in zip(optimizer.param_groups, base):
+                group["lr"] = lr
+
+
+def _roundtrip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _assert_same_weights(a, b):
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), key
+
+
+def _state_tensors(optimizer):
+    return [(index, key, value) for index, state in enumerate(optimizer.state.values())
+            for key, value in sorted(state.items()) if isinstance(value, torch.Tensor)]
+
+
+def _modes(name):
+    """(weights dtype, state_dtype option): float32; bf16 weights with float32 states, or with the states the
+    spec says follow the weights."""
+    follows = _spec(name).states_follow_weights
+    return [("float32", None), ("bfloat16", None if follows else "float32")]
+
+
+RESUME_CASES = [pytest.param(name, dtype, state_dtype, id=f"{name}-{dtype}")
+                for name in NAMES for dtype, state_dtype in _modes(name)]
 
 
 def test_the_registry_is_not_empty():
@@ -21,7 +90,7 @@ def _hidden_matrices(model):
 
 def _distance_after_three_steps(name, tiny_llama, zero_step_first):
     model = tiny_llama(seed=0)
-    optimizer = apollo.build_optimizer(name, model, lr=1e-2)
+    optimizer = apollo.build_optimizer(name, model, lr=1e-2)  # the issue's setting: lr 1e-2, default options
     if zero_step_first:  # torchtitan's state initialisation: every gradient zero, lr 0
         lrs = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
@@ -88,3 +157,165 @@ def test_a_registered_spec_reaches_every_derived_table(monkeypatch):
         apollo.OptimizerSpec("bad", spec.build, frozenset(), "", refuses={"fp8": "no"})
     with pytest.raises(ValueError, match=r"OptimizerSpec 'bad': flags set option\(s\) \['rank'\] it does not take"):
         apollo.OptimizerSpec("bad", spec.build, frozenset(), "", flags={"rank": "rank"})
+
+
+
+# ------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("name, dtype, state_dtype", RESUME_CASES)
+def test_resume_through_a_weights_only_load_is_bit_identical(name, dtype, state_dtype, tiny_llama):
+    """Save after 2 updates (across a refresh: smoke settings refresh every 2), load with weights_only=True into a
+    model with other initial weights, 2 more updates: the weights and every state tensor equal the straight run's,
+    and each state tensor keeps the dtype it was saved in (no cast to the weights' dtype)."""
+    dtype = getattr(torch, dtype)
+    extra = {} if state_dtype is None else {"state_dtype": state_dtype}
+    straight = tiny_llama(seed=0, dtype=dtype)
+    straight_optimizer = _build(name, straight, **extra)
+    _train(straight, straight_optimizer, 0, STEPS)
+
+    first = tiny_llama(seed=0, dtype=dtype)
+    optimizer = _build(name, first, **extra)
+    _train(first, optimizer, 0, STEPS // 2)
+    saved_model, saved_optimizer = _roundtrip(first.state_dict()), _roundtrip(optimizer.state_dict())
+    saved_dtypes = [(i, k, v.dtype) for i, k, v in _state_tensors(optimizer)]
+
+    resumed = tiny_llama(seed=1, dtype=dtype)  # other initial weights: everything must come from the checkpoint
+    resumed.load_state_dict(saved_model)
+    fresh = _build(name, resumed, **extra)
+    fresh.load_state_dict(saved_optimizer)
+    assert [(i, k, v.dtype) for i, k, v in _state_tensors(fresh)] == saved_dtypes
+    _train(resumed, fresh, STEPS // 2, STEPS)
+    _assert_same_weights(straight, resumed)
+    straight_state, resumed_state = _state_tensors(straight_optimizer), _state_tensors(fresh)
+    assert len(straight_state) == len(resumed_state) > 0
+    for (i, key, x), (_, _, y) in zip(straight_state, resumed_state):
+        assert torch.equal(x, y), (i, key)
+    assert not torch.equal(straight.lm_head.weight, tiny_llama(seed=0, dtype=dtype).lm_head.weight)  # it trained
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_states_are_float32_for_bf16_weights_or_follow_them_as_the_spec_says(name, tiny_llama):
+    model = tiny_llama(dtype=torch.bfloat16)
+    follows = _spec(name).states_follow_weights
+    optimizer = _build(name, model, **({} if follows else {"state_dtype": "float32"}))
+    _train(model, optimizer, 0, 1)
+    # a stored projection P (SVD, or store_projection) is an operand of the weights' matmuls, kept in their dtype
+    floating = {value.dtype for _, key, value in _state_tensors(optimizer)
+                if value.is_floating_point() and value.numel() > 1 and key != "projection"}
+    if follows:  # in the weights' dtype (bitsandbytes: uint8 codes; it keeps tensors under 4096 numbers in fp32)
+        dtypes = {value.dtype for _, _, value in _state_tensors(optimizer) if value.numel() > 1}
+        assert dtypes & {torch.bfloat16, torch.uint8}, f"{name}: {dtypes}"
+    else:
+        assert floating <= {torch.float32}, f"{name}: {floating}"
+
+
+# ----------------------------------------------------------------------------------------- layer-wise
+@pytest.mark.parametrize("name", NAMES)
+def test_layerwise_equals_joint_or_is_refused(name, tiny_llama):
+    """LayerwiseOptimizer (one optimizer per parameter, stepped from gradient hooks during backward) gives the
+    joint optimizer's weights to the bit, and the same state bytes; or the spec refuses the mode."""
+    spec = _spec(name)
+    if "layerwise" in spec.refuses:
+        with pytest.raises(ValueError):
+            LayerwiseOptimizer(tiny_llama(), name, lr=spec.smoke_lr, **spec.smoke_options)
+        return
+    joint_model, layer_model = tiny_llama(), tiny_llama()
+    joint = _build(name, joint_model)
+    _train(joint_model, joint, 0, 3)
+    layerwise = LayerwiseOptimizer(layer_model, name, lr=spec.smoke_lr, weight_decay=0.1, lr_lambda=_schedule,
+                                   **spec.smoke_options)
+    _train(layer_model, layerwise, 0, 3, layerwise=True)
+    _assert_same_weights(joint_model, layer_model)
+    assert apollo.optimizer_state_bytes(layerwise) == apollo.optimizer_state_bytes(joint)
+
+
+# ------------------------------------------------------------------------------------------ int8 weights
+@pytest.mark.parametrize("name", NAMES)
+def test_int8_weights_train_or_are_refused_in_one_line(name, tiny_llama):
+    spec = _spec(name)
+    model = apollo.quantize_model(tiny_llama(), group_size=32)
+    if "weight_quant" in spec.refuses:
+        with pytest.raises(ValueError) as error:
+            _build(name, model)
+        assert "\n" not in str(error.value) and "int8" in str(error.value)
+        return
+    codes = {n: b.clone() for n, b in model.named_buffers() if b.dtype == torch.uint8}
+    assert codes
+    optimizer = _build(name, model)
+    _train(model, optimizer, 0, 2)
+    changed = [n for n, b in model.named_buffers() if n in codes and not torch.equal(b, codes[n])]
+    assert changed, f"{name}: no int8 weight changed"
+
+
+# -------------------------------------------------------------------------------------- meta device
+@pytest.mark.parametrize("name", NAMES)
+def test_a_meta_device_step_creates_the_real_state(name, tiny_llama):
+    """train.memory counts state from one step on the meta device: it must equal a real step's, tensor by tensor."""
+    real, meta = tiny_llama(), tiny_llama(device="meta")
+    real_optimizer, meta_optimizer = _build(name, real), _build(name, meta)
+    _train(real, real_optimizer, 0, 1)
+    for param in meta.parameters():
+        param.grad = torch.empty_like(param)
+    meta_optimizer.step()
+    assert apollo.optimizer_state_bytes(meta_optimizer) == apollo.optimizer_state_bytes(real_optimizer) > 0
+    assert [(i, k, v.shape, v.dtype) for i, k, v in _state_tensors(meta_optimizer)] == \
+           [(i, k, v.shape, v.dtype) for i, k, v in _state_tensors(real_optimizer)]
+
+
+# ---------------------------------------------------------------------------- torch.optim's protocol
+@pytest.mark.parametrize("name", NAMES)
+def test_closure_scheduler_hooks_and_add_param_group(name, tiny_llama):
+    model = tiny_llama()
+    optimizer = _build(name, model)
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=_batch(0), labels=_batch(0)).loss
+        loss.backward()
+        return loss
+    calls = []
+    handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    before = model.lm_head.weight.detach().clone()
+    losses = [optimizer.step(closure) for _ in range(2)]  # two: SOAP's first step only initialises
+    assert all(isinstance(loss, torch.Tensor) and torch.isfinite(loss) for loss in losses) and calls == ["post"] * 2
+    assert not torch.equal(model.lm_head.weight, before)
+    handle.remove()
+
+    base = [group["lr"] for group in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    closure()
+    optimizer.step()
+    scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([lr * 0.5 for lr in base])
+    for group, lr in zip(optimizer.param_groups, base):
+        group["lr"] = lr
+
+    extra = torch.nn.Parameter(torch.randn(8))  # a new 1-D parameter: every optimizer's plain-Adam kind of tensor
+    try:
+        optimizer.add_param_group({"params": [extra]})
+    except ValueError as error:  # refused: one line saying why
+        assert "\n" not in str(error)
+        return
+    start = extra.detach().clone()
+    for _ in range(2):
+        closure()
+        extra.grad = torch.ones(8)
+        optimizer.step()
+    assert not torch.equal(extra.detach(), start), f"{name}: the added group was not updated"
+
+
+# ------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_falls_on_a_repeated_batch(name, tiny_llama):
+    model = tiny_llama()
+    optimizer = _build(name, model, **({"update_proj_gap": 200} if "update_proj_gap" in _spec(name).smoke_options else {}))
+    batch = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(12):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(5.55, abs=0.1)  # ln(256)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0], f"{name}: {losses[0]:.3f} -> {losses[-1]:.3f}"
