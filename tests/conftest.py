@@ -62,3 +62,25 @@ def make_tiny_llama(seed: int = 0, dtype=None, device=None, **overrides):
 def tiny_llama():
     """Factory fixture: `tiny_llama(seed=0, dtype=None, device=None, **config overrides)`."""
     return make_tiny_llama
+
+
+def run_on_ranks(worker, *args, world_size: int = 2, tmp_path) -> dict:
+    """Spawn `world_size` gloo processes running `worker(rank, world_size, *args)` inside an initialised process
+    group (file rendezvous under `tmp_path`); returns {rank: what the worker returned}. `worker` must be a
+    module-level function (it is pickled). One spawn per test module keeps the suite fast: batch the cases."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_rank_entry, args=(worker, world_size, str(Path(tmp_path) / "rendezvous"), args, results),
+             nprocs=world_size, join=True)
+    return dict(results)
+
+
+def _rank_entry(rank, worker, world_size, init_file, args, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        results[rank] = worker(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
