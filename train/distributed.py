@@ -176,6 +176,20 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
     return [t.tolist() for t in gathered]
 
 
+def world_size() -> int:
+    """Processes in the default group: 1 without one (a plain process, or before `setup`)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's picklable `value`, in rank order; [value] with one process."""
+    if world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def broadcast_object(value: Any) -> Any:
     """Rank 0's `value` on every rank (e.g. a save_dir that holds a timestamp)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
