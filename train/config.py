@@ -164,6 +164,10 @@ class TrainConfig:
         None, "run folder: config.json, metrics.jsonl, step_* checkpoints (default checkpoints/<model>-<time>, "
               "or the run folder of --continue_from)")
     continue_from: Optional[str] = option(None, "resume exactly from a checkpoint folder, or the latest checkpoint of a run folder")
+    resume: str = option("auto", "auto: when --save_dir holds checkpoints of this same run, resume its newest complete one "
+                                 "(a restarted or requeued job runs the same command again; a finished run exits 0); "
+                                 "never: refuse a --save_dir with checkpoints; or a checkpoint / run folder to resume "
+                                 "(as --continue_from)")
     seed: int = option(0, "seed of torch, python and numpy random (model initialisation; the data order is --data_seed)",
                        low=0, high=2**32 - 1)
     dry_run: bool = option(False, "check everything and print the plan (parameter split, batch arithmetic, steps, tokens, "

@@ -4,7 +4,8 @@
 field's domain) and before the run folder, wandb or any process group exist; it creates nothing. In
 order, cheap first:
   1. the save folder: creatable and writable; no checkpoints of another run in it (a new run into a
-     folder with checkpoints, or a resume into a folder holding checkpoints newer than the one resumed);
+     folder with checkpoints under --resume never, or a resume into a folder holding checkpoints newer
+     than the one resumed; --resume auto has already chosen the newest of this run, train/resume_check.py);
   2. the model config's contents: positive integer sizes, hidden size divisible by the heads, kv heads
      dividing the heads, an even head dimension, token ids inside the vocabulary, a known activation,
      positive norm epsilon and rope theta, `max_position_embeddings` >= --max_length; then whatever
@@ -113,7 +114,7 @@ def check_run_history(save_dir: str, resumed_step: int | None) -> None:
     complete = [path for path in checkpoint_folders(save_dir) if damage(path) is None]
     if resumed_step is None and complete:
         raise ConfigError(f"--save_dir {save_dir} already holds checkpoints of a run (newest {complete[-1].name}): "
-                          f"resume it with --continue_from {save_dir}, or choose another --save_dir")
+                          f"resume it with --continue_from {save_dir} (or --resume auto, the default), or choose another --save_dir")
     newer = [path.name for path in complete if resumed_step is not None and step_of(path) > resumed_step]
     if newer:
         raise ConfigError(f"--save_dir {save_dir} holds {', '.join(newer)}, newer than the checkpoint resumed (update "
