@@ -52,9 +52,30 @@ def setup(timeout_minutes: float = 30.0) -> Distributed:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = timedelta(minutes=timeout_minutes)
+        store = attempt_store(world_size, timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                **({"store": store, "rank": rank, "world_size": world_size} if store else {}))
     return Distributed(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun's elastic agent: its TCPStore, seen through a prefix of this restart attempt; None otherwise.
+
+    torchrun's workers share the agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE), and the rendezvous
+    keeps that server across `--max_restarts` restarts (dynamic_rendezvous.py's shared TCP store
+    server, created once), while `init_process_group("env://")` uses it without a prefix
+    (rendezvous.py assumes "a new TCPStore for every retry"). The process group's keys of the killed attempt
+    (each rank's gloo address) are then still there: a restarted rank reads the dead rank's old address
+    ("Connection refused") or waits on a key that is never rewritten. With the keys prefixed by
+    TORCHELASTIC_RESTART_COUNT every attempt starts from an empty namespace.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"attempt_{attempt}", store)
 
 
 def teardown() -> None:
