@@ -146,6 +146,8 @@ class TrainConfig:
                                "(fully_shard per decoder layer and the root) instead of DDP; sharded checkpoints")
     fsdp_mixed_precision: bool = option(False, "with --fsdp: compute in bfloat16 and reduce gradients in float32; "
                                                "weights and optimizer state stay float32 (--dtype float32)")
+    replicate_degree: int = option(1, "with --fsdp: HSDP, a 2-D mesh of R replicas x world/R shards (typically R = nodes): "
+                                      "weights shard inside a replica and gradients are averaged across replicas", low=1)
     weight_quant: bool = option(False, "store attention/MLP weights as uint8 groups (Q-APOLLO; needs a low-rank optimizer)")
     weight_bits: int = option(8, "bits per quantised weight (only 8 is supported)")
     weight_group_size: int = option(128, "elements per quantisation group (scale and zero point); must divide every "

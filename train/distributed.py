@@ -157,16 +157,24 @@ def wrap_model(model: nn.Module, ctx: Distributed, *, single_gpu: bool = False, 
     return (BucketViewDDP if bucket_view else DistributedDataParallel)(model, device_ids=device_ids)
 
 
-def shard_model(model: nn.Module, ctx: Distributed, *, mixed_precision: bool = False) -> nn.Module:
+def shard_model(model: nn.Module, ctx: Distributed, *, mixed_precision: bool = False,
+                replicate_degree: int = 1) -> nn.Module:
     """FSDP2 in place: each decoder layer, then the root (embeddings, final norm, lm_head), sharded by rows
     over all processes (`torch.distributed.fsdp.fully_shard`); the parameters become DTensors.
 
     `mixed_precision`: compute in bfloat16, reduce gradients in float32 (the sharded weights keep their dtype).
+    `replicate_degree` R > 1: HSDP on a 2-D mesh ("replicate", "shard") of R x world/R, consecutive ranks
+    in one replica (one node under torchrun): parameters are (Replicate(), Shard(0)) DTensors, gradients
+    are reduce-scattered inside a replica and all-reduced across replicas.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    if replicate_degree > 1:
+        mesh = init_device_mesh(ctx.device.type, (replicate_degree, ctx.world_size // replicate_degree),
+                                mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
               else MixedPrecisionPolicy())
     for layer in model.model.layers:

@@ -76,7 +76,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     counts = parameter_counts(model)  # before quantisation: the int8 layers are no longer nn.Linear
     quantize(model, config)  # --weight_quant: uint8 attention/MLP weights, before DDP and the optimizer see them
     if config.fsdp:  # the optimizer must see the sharded (DTensor) parameters
-        shard_model(model, ctx, mixed_precision=config.fsdp_mixed_precision)
+        shard_model(model, ctx, mixed_precision=config.fsdp_mixed_precision, replicate_degree=config.replicate_degree)
     optimizer = build_optimizer(model, config)  # --layerwise: updates run from gradient hooks inside backward
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     loader = build_train_loader(tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
@@ -155,9 +155,12 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                 batch = next(batches)
                 tokens += int(batch["attention_mask"].sum())
                 batch = {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
+                # DDP all-reduces once per update (no_sync before); FSDP2 reduce-scatters every micro-step, so the
+                # gradients accumulate as this rank's shards instead of whole tensors (sync stays on: with it
+                # off at the last micro-step, .grad would stay None and the optimizer skip every parameter)
                 syncing = micro_step == accum - 1 or ddp_model is model
-                if config.fsdp:  # reduce-scatter the gradients once per update
-                    model.set_requires_gradient_sync(micro_step == accum - 1)
+                if config.fsdp and config.replicate_degree > 1:  # HSDP: all-reduce across replicas once per update
+                    model.set_requires_all_reduce(micro_step == accum - 1)
                 with nullcontext() if syncing else ddp_model.no_sync():  # all-reduce grads once per update
                     loss = ddp_model(**batch).loss / accum
                     loss.backward()

@@ -67,14 +67,15 @@ FSDP2          (`fsdp=True`, per process): every parameter, its gradient and eve
                moments r x n, projections, scalars) are whole on every rank. Unsharded while in use: the
                root module (embeddings, final norm, lm_head; all-gathered for forward and kept through
                backward), a decoder layer and the next one prefetched (each its all-gather buffer and its
-               copied-out parameters at the start of backward; two layers when accumulating), the layer's unsharded
+               copied-out parameters at the start of backward), the layer's unsharded
                gradients and their reduce-scatter input; at the end (the root resharded) the root's
-               gradients and their reduce-scatter input. Accumulating without a reduce-scatter
-               (set_requires_gradient_sync(False)), FSDP2 keeps every gradient unsharded, in the
-               reduce dtype, until the last micro-step. CPU check (2 gloo ranks): within 5%, states exactly.
+               gradients and their reduce-scatter input. Accumulating, the loop reduce-scatters every
+               micro-step (train/loop.py), so the earlier micro-steps' gradients are held as this rank's
+               shards, and every backward is a synchronising one. CPU check (2 gloo ranks): within 5%,
+               states exactly.
                Update scratch is that of the whole matrices (an upper bound for row-local updates).
 total (peak)   weights + states (+ DDP buckets) + the largest of these phases of a step:
-                 backward start       activations (+ every gradient when accumulating: micro-steps >= 2)
+                 backward start       activations (+ every gradient, or its shard under FSDP2, when accumulating)
                  lm_head gradient     saved - 4 V N (log-softmax freed) + recompute + lm_head's gradient
                                       (layer-wise: + the largest gradient + scratch of a non-embedding weight)
                  end of backward      outside-layer activations - 4 V N + recompute + all gradients
@@ -580,10 +581,7 @@ def prepare(config, *, optimizer: str = "adamw", rank: int | None = None, weight
         weights = sharded + sum(_bytes(b) for b in model.buffers())
         fsdp_info = {"world_size": world_size, "root": c * root_numel, "root_grad": (c + r) * root_numel,
                      "layer": c * layer_numel, "layer_grad": (c + r) * layer_numel,
-                     "head": c * model.get_output_embeddings().weight.numel(),
-                     # accumulating without a reduce-scatter (set_requires_gradient_sync(False)): FSDP2 keeps
-                     # every gradient unsharded, in the reduce dtype, until the last micro-step
-                     "accumulated": r * sum(q.numel() for q in model.parameters() if q.requires_grad)}
+                     "head": c * model.get_output_embeddings().weight.numel()}
         notes["weights"] = f"this rank's shards (1/{world_size} of the rows of every tensor)"
         notes["optimizer states"] = "this rank's shards of the row-split states; low-rank moments, projections whole"
     buckets = sum(q.numel() * q.element_size() for q in trainable if q.requires_grad and q.is_floating_point()) \
@@ -649,20 +647,15 @@ def combine(static: _Static, batch_size: int, max_length: int, *, activation_che
                   "optimizer step": {"gradients": own, "update scratch": scratch}}
         if static.fsdp:
             f = static.fsdp
-            if accumulating:
-                held = f["accumulated"]
-                for phase in ("backward start", "lm_head gradient"):
-                    phases[phase]["gradients"] = held + (static.head if phase == "lm_head gradient" else 0)
-            # the layer being all-gathered and the prefetched one, each its all-gather buffer and its copy-out
-            # (when accumulating, no reduce-scatter has run yet: two layers). Counts calibrated on 2-process
-            # CPU runs (docs/memory.md), not traced
-            phases["backward start"]["unsharded parameters"] = f["root"] + (2 if accumulating else 4) * f["layer"]
-            # a layer's unsharded gradients and (synchronising) their reduce-scatter input; accumulating,
-            # the new gradients are added into the held ones and nothing is reduce-scattered
+            # accumulating, every micro-step reduce-scatters (train/loop.py): `held` is this rank's gradient
+            # shards, and each backward is the synchronising one below.
+            # The layer being all-gathered and the prefetched one, each its all-gather buffer and its copy-out.
+            # Counts calibrated on 2-process CPU runs (docs/memory.md), not traced
+            phases["backward start"]["unsharded parameters"] = f["root"] + 4 * f["layer"]
+            # a layer's unsharded gradients and their reduce-scatter input
             phases["lm_head gradient"] = {"activations": after_head, "gradients": held,
                                           "unsharded parameters": f["root"] + 2 * f["layer"],
-                                          "unsharded gradients": f["head"] + (f["layer"] if accumulating
-                                                                              else f["layer_grad"])}
+                                          "unsharded gradients": f["head"] + f["layer_grad"]}
             # the root reshards before its reduce-scatter: its unsharded gradients and the reduce-scatter input
             phases["end of backward"]["unsharded gradients"] = f["root_grad"]
             phases["end of backward"]["gradients"] = own
@@ -976,8 +969,7 @@ def _distributed_worker(rank: int, init_file: str, world_size: int, config, kwar
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 for micro in range(accumulation):
                     last = micro == accumulation - 1
-                    if mode == "fsdp":
-                        model.set_requires_gradient_sync(last)
+                    # FSDP2 reduce-scatters every micro-step, as train/loop.py does
                     context = wrapped.no_sync() if mode != "fsdp" and not last else torch.enable_grad()
                     with context:
                         (wrapped(input_ids=ids, attention_mask=mask, labels=labels).loss / accumulation).backward()
@@ -999,7 +991,7 @@ def measure_distributed(config, *, mode: str = "ddp", world_size: int = 2, optim
     `mode`: "ddp" (the harness's `BucketViewDDP`), "ddp_copy" (torch's plain DDP) or "fsdp" (FSDP2,
     `train.distributed.shard_model`). Each rank counts what is alive before a step (weights or its shards,
     buffers, state, batch, DDP's buckets: what the wrapper kept allocated) + its allocator's peak during the
-    step (`gradient_accumulation` micro-steps with no_sync / no gradient sync but the last).
+    step (`gradient_accumulation` micro-steps, DDP's under no_sync but the last; FSDP2 syncs every one).
     """
     import tempfile
 

@@ -3,6 +3,7 @@
 `preflight(config, world_size)` runs after `train.config.resolve` (which checks every value by its
 field's domain) and before the run folder, wandb or any process group exist; it creates nothing. In
 order, cheap first:
+  0. the device mesh: --replicate_degree divides the processes (HSDP needs --fsdp);
   1. the save folder: creatable and writable; no checkpoints of another run in it (a new run into a
      folder with checkpoints under --resume never, or a resume into a folder holding checkpoints newer
      than the one resumed; --resume auto has already chosen the newest of this run, train/resume_check.py);
@@ -54,6 +55,7 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[TrainConfig, Any, l
     from train.model import build_model
 
     warnings: list[str] = []
+    check_mesh(config, world_size)
     check_save_dir(config.save_dir)
     llama_config, more = check_model_config(config.model_config, max_length=config.max_length)
     warnings += more
@@ -94,6 +96,22 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[TrainConfig, Any, l
     warnings += check_tokenizer(tokenizer, config.tokenizer, vocab_size=llama_config.vocab_size,
                                 model_config=config.model_config)
     return config, tokenizer, warnings
+
+
+# ----------------------------------------------------------------------------- the device mesh
+
+
+def check_mesh(config: TrainConfig, world_size: int) -> None:
+    """--replicate_degree R (HSDP): with --fsdp, R dividing the world size into replicas of at least 2 processes."""
+    degree = config.replicate_degree
+    if degree == 1:
+        return
+    if not config.fsdp:
+        raise ConfigError(f"--replicate_degree {degree} builds an HSDP mesh for --fsdp; add --fsdp (DDP replicates "
+                          "every process already)")
+    if world_size % degree or world_size // degree < 2:
+        raise ConfigError(f"--replicate_degree {degree} must divide the {world_size} processes into replicas of at least "
+                          f"2 (the shard dimension); e.g. the number of nodes")
 
 
 # ----------------------------------------------------------------------------- the run folder

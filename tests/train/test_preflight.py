@@ -316,6 +316,9 @@ COMBINATIONS = [  # (flags, world size, the error)
     ({"--max_train_tokens": "10000000000B"}, 1, "--max_train_tokens 10000000000000000000 does not fit in 64 bits"),
     ({"--name": ""}, 1, "--name must not be empty"),
     ({"--project": "a\nb"}, 1, "--project 'a\\nb' holds a control character"),
+    ({"--replicate_degree": "2"}, 4, "--replicate_degree 2 builds an HSDP mesh for --fsdp; add --fsdp"),
+    ({"--fsdp": True, "--replicate_degree": "3"}, 4, "--replicate_degree 3 must divide the 4 processes into replicas of at least 2"),
+    ({"--fsdp": True, "--replicate_degree": "2"}, 2, "--replicate_degree 2 must divide the 2 processes into replicas of at least 2"),
 ]
 
 
