@@ -166,6 +166,9 @@ class TrainConfig:
         None, "run folder: config.json, metrics.jsonl, step_* checkpoints (default checkpoints/<model>-<time>, "
               "or the run folder of --continue_from)")
     continue_from: Optional[str] = option(None, "resume exactly from a checkpoint folder, or the latest checkpoint of a run folder")
+    async_save: bool = option(False, "with --fsdp: write checkpoint shards in the background (torch.distributed.checkpoint"
+                                     ".async_save); training goes on, and the checkpoint is committed (manifest, rename) "
+                                     "at the next save or the end; the last save of a run is synchronous")
     resume: str = option("auto", "auto: when --save_dir holds checkpoints of this same run, resume its newest complete one "
                                  "(a restarted or requeued job runs the same command again; a finished run exits 0); "
                                  "never: refuse a --save_dir with checkpoints; or a checkpoint / run folder to resume "

@@ -27,8 +27,8 @@ import torch
 
 import apollo
 from apollo import quant, sharded
-from train.checkpoint import (capture_rng, find_checkpoint, load_checkpoint, prune_checkpoints, restore_rng,
-                              save_checkpoint)
+from train.checkpoint import (PendingCheckpoint, capture_rng, find_checkpoint, load_checkpoint, prune_checkpoints,
+                              restore_rng, save_checkpoint)
 from train.build import build_optimizer, quantize
 from train.config import TrainConfig
 from train.data import build_train_loader
@@ -104,19 +104,34 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                 f"{'es' if ctx.world_size > 1 else ''}); "
                 f"run folder {run_dir}")
 
-    def save(step: int) -> None:
-        save_checkpoint(run_dir, step, model=model, optimizer=optimizer, rank=ctx.rank, sharded=config.fsdp,
-                        config=config.to_dict(),
-                        trainer_state={"counters": dict(state), "world_size": ctx.world_size,
-                                       "schedule": {"scheduler": config.scheduler, "base_lrs": base_lrs,
-                                                    "warmup_steps": config.warmup_steps,
-                                                    "num_training_steps": config.num_training_steps,
-                                                    "min_lr_ratio": config.min_lr_ratio,
-                                                    "decay_fraction": config.decay_fraction}},
-                        rank_state={"data": loader.state_dict(), "rng": capture_rng()})
+    pending: list[PendingCheckpoint] = []  # --async_save: the save whose shards are still being written
+
+    def finish_saving() -> None:
+        """Commit the asynchronous save in flight (every rank), then prune."""
+        while pending:
+            pending.pop().wait()
+            prune()
+
+    def prune() -> None:
         if config.keep_last and ctx.is_main:  # only now that the new checkpoint is complete
             for path in prune_checkpoints(run_dir, config.keep_last):
                 logger.info(f"deleted {path} (--keep_last {config.keep_last})")
+
+    def save(step: int, *, last: bool = False) -> None:
+        finish_saving()
+        saved = save_checkpoint(run_dir, step, model=model, optimizer=optimizer, rank=ctx.rank, sharded=config.fsdp,
+                                asynchronous=config.async_save and not last, config=config.to_dict(),
+                                trainer_state={"counters": dict(state), "world_size": ctx.world_size,
+                                               "schedule": {"scheduler": config.scheduler, "base_lrs": base_lrs,
+                                                            "warmup_steps": config.warmup_steps,
+                                                            "num_training_steps": config.num_training_steps,
+                                                            "min_lr_ratio": config.min_lr_ratio,
+                                                            "decay_fraction": config.decay_fraction}},
+                                rank_state={"data": loader.state_dict(), "rng": capture_rng()})
+        if isinstance(saved, PendingCheckpoint):  # committed at the next save or at the end
+            pending.append(saved)
+        else:
+            prune()
 
     def run_eval(step: int) -> None:
         result = evaluate(model, tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
@@ -207,7 +222,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                 logger.progress(1)
 
             if stops and step < config.num_training_steps:
-                save(step)
+                save(step, last=True)
                 logger.info(f"stop signal: saved update {step} to {run_dir}; resume with --continue_from {run_dir}")
                 exit_code = 0
                 return exit_code
@@ -215,7 +230,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
         if state["last_eval_step"] != step:
             run_eval(step)
         if step > start_step:
-            save(step)
+            save(step, last=True)
+        finish_saving()
         # replicas must agree (DDP); sharded runs hold different rows on each rank by design
         checksums = all_gather_floats(_checksum(model), ctx.device)  # [[sum, sum of squares] of each rank]
         identical = config.fsdp or all(value == checksums[0] for value in checksums)

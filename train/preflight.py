@@ -3,7 +3,7 @@
 `preflight(config, world_size)` runs after `train.config.resolve` (which checks every value by its
 field's domain) and before the run folder, wandb or any process group exist; it creates nothing. In
 order, cheap first:
-  0. the device mesh: --replicate_degree divides the processes (HSDP needs --fsdp);
+  0. the device mesh: --replicate_degree divides the processes (HSDP needs --fsdp), --async_save needs --fsdp;
   1. the save folder: creatable and writable; no checkpoints of another run in it (a new run into a
      folder with checkpoints under --resume never, or a resume into a folder holding checkpoints newer
      than the one resumed; --resume auto has already chosen the newest of this run, train/resume_check.py);
@@ -102,7 +102,10 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[TrainConfig, Any, l
 
 
 def check_mesh(config: TrainConfig, world_size: int) -> None:
-    """--replicate_degree R (HSDP): with --fsdp, R dividing the world size into replicas of at least 2 processes."""
+    """--replicate_degree R (HSDP): with --fsdp, R dividing the world size into replicas of at least 2 processes;
+    --async_save: with --fsdp."""
+    if config.async_save and not config.fsdp:
+        raise ConfigError("--async_save writes torch.distributed.checkpoint shards in the background: it needs --fsdp")
     degree = config.replicate_degree
     if degree == 1:
         return

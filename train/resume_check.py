@@ -12,6 +12,7 @@ second group until it is listed here. The world size is checked apart (one rank 
 |-------------------------|--------------------------------------------------------------------------------|
 | continue_from, save_dir | where the run is read from and written to                                      |
 | resume                  | how the checkpoint to resume is chosen (auto, never, a path)                   |
+| async_save              | when checkpoint shards are written (the same files)                            |
 | name, project, entity   | wandb bookkeeping                                                              |
 | wandb                   | wandb mode (online/offline/disabled)                                           |
 | log_every               | how often metrics are logged                                                   |
@@ -47,6 +48,7 @@ MAY_CHANGE: dict[str, str] = {
     "continue_from": "where the run is read from",
     "save_dir": "where the run is written to",
     "resume": "how the checkpoint to resume is chosen",
+    "async_save": "when checkpoint shards are written; the same files",
     "name": "wandb run name",
     "project": "wandb project",
     "entity": "wandb entity",

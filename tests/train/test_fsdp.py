@@ -78,3 +78,21 @@ def test_fsdp_mixed_precision_tracks_the_float32_run(runs, c4_dir, tokenizer_dir
     half = [r["loss"] for r in read_metrics(mixed) if "loss" in r]
     assert half == pytest.approx(full, rel=1e-2) and half != full
     assert sharded_weights(mixed / "step_0000004", tmp_path)["lm_head.weight"].dtype == torch.float32
+
+
+def test_async_saves_write_the_same_checkpoints(runs, tmp_path):
+    """--async_save: the shards of update 2 are written in the background while updates 3-4 train; the run
+    ends with the synchronous run's weights, and both checkpoints hold its shards bit for bit, with manifests."""
+    from train.checkpoint import damage, verify_sums
+
+    folder, argv = runs["adamw"]
+    asynchronous = tmp_path / "async"
+    run_train(argv + ["--async_save", "--save_dir", str(asynchronous)], nproc=2)
+    assert sorted(p.name for p in asynchronous.iterdir() if p.name.startswith(("step_", ".tmp"))) == [
+        "step_0000002", "step_0000004"]
+    for step in ("step_0000002", "step_0000004"):
+        assert damage(asynchronous / step) is None and verify_sums(asynchronous / step) is None
+        expected = sharded_weights(folder / "fsdp" / step, tmp_path)
+        got = sharded_weights(asynchronous / step, asynchronous)
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (step, key)

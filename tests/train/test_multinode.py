@@ -170,7 +170,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_bit_identical(attempt, re
     victim = _workers(psutil.Process(job.pid))[-1]
     victim.send_signal(signal.SIGKILL)
     _, err = job.communicate(timeout=600)
-    assert job.returncode == 0, err[-3000:]
+    assert job.returncode == 0, err[:3000] + "\n...\n" + err[-3000:]
     resumed = [line for line in err.splitlines() if line.startswith("--resume auto: resuming")]
     assert resumed and "at update" in resumed[-1], err[-3000:]  # the restarted attempt resumed a checkpoint
     print(f"restart attempt {attempt}: killed pid {victim.pid}, job done {time.time() - started:.1f} s later; {resumed[-1]}")

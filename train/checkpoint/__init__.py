@@ -19,7 +19,8 @@ The package, one job per module:
                (`select_checkpoint`), CRC-32 sums, the failure every rank agrees on
     save.py    `save_checkpoint`: `.tmp-step_N/` renamed to `step_N/` once complete (the rename is the
                commit), so a SIGKILL at any moment leaves the previous checkpoints as they were or the
-               new one complete; a failure on any rank removes it on every rank (`CheckpointSaveError`)
+               new one complete; a failure on any rank removes it on every rank (`CheckpointSaveError`);
+               sharded saves may run in the background (`PendingCheckpoint`, committed by its wait())
     load.py    `check_fits` (saved shapes against a meta-device model), `verify_sums`, `load_checkpoint`
                (CRC-32 first, split over the ranks), `capture_rng` / `restore_rng`
     prune.py   `prune_checkpoints(save_dir, keep_last)`: older complete checkpoints deleted after a save
@@ -31,10 +32,10 @@ from train.checkpoint.format import (DISK_FULL_ERRNOS, DOOMED, MANIFEST, OLD, PR
                                      newest_checkpoint, rank_file, safetensors_header, select_checkpoint, step_of)
 from train.checkpoint.load import capture_rng, check_fits, load_checkpoint, restore_rng, verify_sums
 from train.checkpoint.prune import prune_checkpoints
-from train.checkpoint.save import save_checkpoint
+from train.checkpoint.save import PendingCheckpoint, save_checkpoint
 
 __all__ = ["DISK_FULL_ERRNOS", "DOOMED", "MANIFEST", "OLD", "PREFIX", "REQUIRED_FILES", "SHARDED_FILES", "TEMPORARY",
-           "CheckpointError", "CheckpointSaveError", "capture_rng", "check_fits", "checkpoint_folders", "checkpoint_path",
+           "CheckpointError", "CheckpointSaveError", "PendingCheckpoint", "capture_rng", "check_fits", "checkpoint_folders", "checkpoint_path",
            "checkpoint_world_size", "damage", "find_checkpoint", "is_sharded", "load_checkpoint", "newest_checkpoint",
            "prune_checkpoints", "rank_file", "restore_rng", "safetensors_header", "save_checkpoint", "select_checkpoint",
            "step_of", "verify_sums"]

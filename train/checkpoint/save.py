@@ -13,12 +13,19 @@ The steps (every rank calls `save_checkpoint`):
 A failure in any step (a full disk, a quota, a write error on any rank) removes the temporary folder
 and raises `CheckpointSaveError` on every rank: one line naming the file, saying "the disk is full"
 for ENOSPC/EDQUOT, and naming the newest complete checkpoint, which is untouched.
+
+Asynchronous sharded saves (`asynchronous=True`, --async_save): step 2 starts `dcp.async_save` (the
+shards copied to CPU memory, then written by a background thread on a gloo group of its own) and the
+save returns a `PendingCheckpoint`; step 3 runs when the trainer calls its `wait()` (before the next
+save, at the end, on the way out). Until then the checkpoint is a `.tmp-` folder: a kill during the
+background write leaves the previous complete checkpoint the newest, as for a synchronous save.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,10 +37,6 @@ from train.checkpoint.format import (DISK_FULL_ERRNOS, MANIFEST, OLD, TEMPORARY,
                                      agree, checkpoint_path, error_number, file_sum, first_line, is_failure,
                                      newest_checkpoint, rank_file, sharded_state, step_of)
 from train.distributed import all_gather_object, barrier, broadcast_object, world_size
-
-
-
-
 
 
 def _attempt(action: Callable[[], Any], what: Path) -> Failure | None:
@@ -142,6 +145,56 @@ def _tidy(save_dir: Path) -> None:
 # ----------------------------------------------------------------------------- saving
 
 
+@dataclass(frozen=True)
+class _Target:
+    """The folders of one save: `.tmp-step_N` written, `step_N` committed, `.old-step_N` during a re-save."""
+
+    save_dir: Path
+    step: int
+    rank: int
+
+    @property
+    def final(self) -> Path:
+        return checkpoint_path(self.save_dir, self.step)
+
+    @property
+    def temporary(self) -> Path:
+        return self.save_dir / f"{TEMPORARY}{self.final.name}"
+
+    @property
+    def stale(self) -> Path:
+        return self.save_dir / f"{OLD}{self.final.name}"
+
+
+class PendingCheckpoint:
+    """An asynchronous sharded save in flight: its shards are being written by torch.distributed.checkpoint's
+    background thread. `wait()` (every rank, in the same order as its other collectives) waits for them, then
+    sums, writes the manifest and renames the folder exactly as a synchronous save does; until then the
+    checkpoint is a `.tmp-` folder, so a kill loses nothing that was complete."""
+
+    def __init__(self, target: _Target, future: Any) -> None:
+        self.target, self._future, self._done = target, future, None
+
+    def wait(self) -> Path:
+        """The committed checkpoint folder; CheckpointSaveError on every rank when any rank's write failed."""
+        if self._done is None:
+            future = getattr(self._future, "upload_completion", self._future)  # an AsyncSaveResponse or a Future
+            self._done = _complete(self.target, agree(_attempt(future.result, self.target.temporary / "sharded")))
+        return self._done
+
+
+_ASYNC_GROUP: list = []  # the gloo group of the background writes (created once, by every rank)
+
+
+def _async_group():
+    """A process group for the background thread's collectives, apart from the training's (no interleaving)."""
+    import torch.distributed as dist
+
+    if not _ASYNC_GROUP:
+        _ASYNC_GROUP.append(dist.new_group(backend="gloo") if world_size() > 1 else None)
+    return _ASYNC_GROUP[0]
+
+
 def save_checkpoint(
     save_dir: str | Path,
     step: int,
@@ -153,28 +206,37 @@ def save_checkpoint(
     config: dict[str, Any],
     rank: int = 0,
     sharded: bool = False,
-) -> Path:
+    asynchronous: bool = False,
+) -> Path | PendingCheckpoint:
     """Write the checkpoint after `step` updates atomically; every rank must call this. Returns its folder.
 
     `sharded`: the model was sharded with FSDP2; every rank writes its shards with torch.distributed.checkpoint.
-    Raises CheckpointSaveError on every rank when any rank failed; nothing of the failed save is left.
+    `asynchronous` (with `sharded`): `dcp.async_save` copies the shards to CPU memory and writes them in a
+    background thread; returns a PendingCheckpoint at once, whose `wait()` commits it (same manifest, same
+    rename). Raises CheckpointSaveError on every rank when any rank failed; nothing of the failed save is left.
     """
-    save_dir = Path(save_dir)
-    final = checkpoint_path(save_dir, step)
-    temporary, stale = save_dir / f"{TEMPORARY}{final.name}", save_dir / f"{OLD}{final.name}"
-    world = world_size()
+    target = _Target(Path(save_dir), step, rank)
+    temporary = target.temporary
 
     def prepare() -> None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        _tidy(save_dir)
+        target.save_dir.mkdir(parents=True, exist_ok=True)
+        _tidy(target.save_dir)
         temporary.mkdir()
 
     failure = agree(_attempt(prepare, temporary) if rank == 0 else None)
+    future = None
     if failure is None and sharded:  # collective: it fails on every rank when one rank fails
         import torch.distributed.checkpoint as dcp
 
-        failure = _attempt(lambda: dcp.save(sharded_state(model, optimizer), checkpoint_id=temporary / "sharded"),
-                           temporary / "sharded")
+        def write_shards() -> None:
+            nonlocal future
+            state = sharded_state(model, optimizer)
+            if asynchronous:
+                future = dcp.async_save(state, checkpoint_id=temporary / "sharded", process_group=_async_group())
+            else:
+                dcp.save(state, checkpoint_id=temporary / "sharded")
+
+        failure = _attempt(write_shards, temporary / "sharded")
     if failure is None:
         def write_own_files() -> None:
             _torch_save(rank_state, rank_file(temporary, rank))
@@ -187,7 +249,17 @@ def save_checkpoint(
 
         failure = _attempt(write_own_files, temporary)
     failure = agree(failure)
+    if future is not None:
+        pending = PendingCheckpoint(target, future)
+        if failure is None:
+            return pending
+        _attempt(getattr(future, "upload_completion", future).result, temporary)  # let the writer stop first
+    return _complete(target, failure)
 
+
+def _complete(target: _Target, failure: Failure | None) -> Path:
+    """Sum, fsync, write the manifest and rename (every rank); or, after `failure`, remove the temporary folder."""
+    temporary, final, stale, rank, world = target.temporary, target.final, target.stale, target.rank, world_size()
     if failure is None:  # read every file back: CRC-32 and fsync, the files split over the ranks
         names = broadcast_object(sorted(str(p.relative_to(temporary)) for p in temporary.rglob("*") if p.is_file())
                                  if rank == 0 else None)
@@ -198,7 +270,7 @@ def save_checkpoint(
         sums = {name: entry for part in all_gather_object(sums) for name, entry in part.items()}
 
         def commit() -> None:
-            manifest = {"format": 1, "step": step, "world_size": world, "files": dict(sorted(sums.items()))}
+            manifest = {"format": 1, "step": target.step, "world_size": world, "files": dict(sorted(sums.items()))}
             _write(temporary / MANIFEST, lambda file: file.write((json.dumps(manifest, indent=1) + "\n").encode()))
             mask = _umask()
             for path in [temporary, *temporary.rglob("*")]:
@@ -213,7 +285,7 @@ def save_checkpoint(
         if failure is None and rank == 0:  # after the commit: best effort, the checkpoint stands either way
             shutil.rmtree(stale, ignore_errors=True)
             try:
-                _sync_folder(save_dir)
+                _sync_folder(target.save_dir)
             except OSError:
                 pass
     if failure is not None:
@@ -223,11 +295,11 @@ def save_checkpoint(
             if stale.exists() and not final.exists():
                 stale.rename(final)
         barrier()
-        newest = newest_checkpoint(save_dir)
+        newest = newest_checkpoint(target.save_dir)
         raise CheckpointSaveError(
             f"checkpoint {final} was not saved: {failure.text}; its temporary folder was removed and the newest "
             f"complete checkpoint is {newest or 'none (this was the first save)'}"
-            + (f": free space, then resume with --continue_from {save_dir}" if newest else ""),
+            + (f": free space, then resume with --continue_from {target.save_dir}" if newest else ""),
             disk_full=failure.disk_full)
     barrier()
     return final
