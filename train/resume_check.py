@@ -82,12 +82,12 @@ def _same(name: str, saved: Any, value: Any) -> bool:
 
 
 def check_resume(saved: dict[str, Any], config: TrainConfig, *, step: int, checkpoint: str,
-                 lead: str | None = None, finished_ok: bool = False) -> list[str]:
+                 lead: tuple[str, str] | None = None, finished_ok: bool = False) -> list[str]:
     """Compare a checkpoint's saved config with the resolved command line; returns warnings, raises ConfigError.
 
     `saved` is the checkpoint's config.json; a field it lacks (saved by an older version) had its default.
-    `step` is the checkpoint's update count. `lead` starts the refusal (default: the --continue_from
-    wording); `finished_ok`: a checkpoint at or past --num_training_steps is not refused here (--resume
+    `step` is the checkpoint's update count. `lead`: the refusal's (opening, advice) around the
+    differing fields (default: the --continue_from wording); `finished_ok`: a checkpoint at or past --num_training_steps is not refused here (--resume
     auto reports such a run as complete).
     """
     fields = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
@@ -106,9 +106,9 @@ def check_resume(saved: dict[str, Any], config: TrainConfig, *, step: int, check
         else:
             differing.append(change)
     if differing:
-        lead = lead or (f"--continue_from {checkpoint} was saved with other settings that change the training: "
-                        "{} (checkpoint -> command line); resume with the checkpoint's values, or start a new run")
-        raise ConfigError(lead.format(", ".join(differing)))
+        opening, advice = lead or (f"--continue_from {checkpoint} was saved with other settings that change the "
+                                   "training", "resume with the checkpoint's values, or start a new run")
+        raise ConfigError(f"{opening}: {', '.join(differing)} (checkpoint -> command line); {advice}")
     if config.num_training_steps <= step and not finished_ok:
         raise ConfigError(f"--num_training_steps {config.num_training_steps}: the checkpoint {checkpoint} is at update "
                           f"{step} already; give more updates to train on")
@@ -171,10 +171,11 @@ def auto_resume(config: TrainConfig) -> tuple[TrainConfig, str | None]:
         saved = json.loads((checkpoint / "config.json").read_text())
     except Exception as error:  # unpickling raises many types; each means the checkpoint cannot be used
         raise ConfigError(f"--resume auto: {checkpoint}: unreadable ({type(error).__name__}: {error})") from None
-    lead = (f"--save_dir {config.save_dir} holds checkpoints of a run with other settings that change the training: "
-            "{} (checkpoint -> command line); run its command to resume it, or choose another --save_dir")
-    check_resume(saved if isinstance(saved, dict) else {}, config, step=step, checkpoint=str(checkpoint), lead=lead,
-                 finished_ok=True)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume auto: {checkpoint / 'config.json'} is not a json object")
+    lead = (f"--save_dir {config.save_dir} holds checkpoints of a run with other settings that change the training",
+            "run its command to resume it, or choose another --save_dir")
+    check_resume(saved, config, step=step, checkpoint=str(checkpoint), lead=lead, finished_ok=True)
     if step >= config.num_training_steps:
         raise RunComplete(f"{config.save_dir}: the run is already complete ({checkpoint.name}, update {step} of "
                           f"{config.num_training_steps}); nothing to do")
