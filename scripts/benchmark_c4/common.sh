@@ -29,7 +29,8 @@ launch() {
     local ngpu=${NGPU:-$DEFAULT_NGPU} nnodes=${NNODES:-1} total=${TOTAL_BATCH:-512}
     local world=$(( ngpu * nnodes ))
     if (( total % world != 0 )); then
-        echo "error: TOTAL_BATCH $total is not divisible by NNODES $nnodes x NGPU $ngpu" >&2; exit 2
+        local by="NGPU $ngpu"; (( nnodes > 1 )) && by="NNODES $nnodes x NGPU $ngpu"
+        echo "error: TOTAL_BATCH $total is not divisible by $by" >&2; exit 2
     fi
     local per_gpu=$(( total / world ))
     (( micro > per_gpu )) && micro=$per_gpu
