@@ -107,6 +107,8 @@ def test_a_kill_during_async_saves_loses_nothing_complete(runs, tmp_path):
     import subprocess
     import time
 
+    import psutil
+
     from tests.train.test_cli import REPO_ROOT, train_command
     from train.checkpoint import damage, verify_sums
 
@@ -114,13 +116,15 @@ def test_a_kill_during_async_saves_loses_nothing_complete(runs, tmp_path):
     run = tmp_path / "run"
     command = train_command(argv + ["--async_save", "--save_every", "1", "--save_dir", str(run)], nproc=2)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    job = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (run / "step_0000001").exists():
         assert job.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)
+    launcher = psutil.Process(job.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:  # torchrun's workers have sessions of their own
+        process.send_signal(signal.SIGKILL)
     job.wait()
+    assert not (run / "step_0000004").exists()
     left = sorted(p.name for p in run.iterdir() if p.name.startswith("step_"))
     assert left and all(damage(run / name) is None and verify_sums(run / name) is None for name in left), left
     again = run_train(argv + ["--async_save", "--save_every", "1", "--save_dir", str(run)], nproc=2)

@@ -182,10 +182,13 @@ def test_a_requeued_job_runs_the_same_command_and_ends_bit_identical(reference, 
     run = tmp_path / "run"
     env = recipe_env(c4_dir, tokenizer_dir, run)
     job = subprocess.Popen(["bash", str(reference["script"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env=env, start_new_session=True)
+                           env=env)
     _wait_for(run / "step_0000002", job)
-    os.killpg(job.pid, signal.SIGKILL)  # the node is gone: no signal handler runs, no final save
+    launcher = psutil.Process(job.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:  # the node is gone: no handler runs, no final save
+        process.send_signal(signal.SIGKILL)  # (torchrun starts its workers in sessions of their own)
     job.communicate()
+    assert not (run / "step_0000008").exists()
     again = subprocess.run(["bash", str(reference["script"])], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "--resume auto: resuming" in again.stderr, again.stderr[-3000:]
