@@ -264,9 +264,9 @@ def sharded_muon_update(
     buf.lerp_(g, 1 - momentum)
     update = g.lerp(buf, momentum) if nesterov else buf
     if shard is not None:  # the whole U on every rank
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor import DTensor
 
-        update = DTensor.from_local(update, shard.mesh, [Shard(0)], run_check=False, shape=param.shape,
+        update = DTensor.from_local(update, shard.mesh, shard.placements, run_check=False, shape=param.shape,
                                     stride=param.stride()).full_tensor()
     ortho = zeropower(update, ns_coefficients, ns_steps, eps)
     if shard is not None:

@@ -1,4 +1,5 @@
-r"""Row-sharded weights (FSDP2's DTensor parameters, ``Shard(0)`` on a 1-D mesh) in the optimizers.
+r"""Row-sharded weights (FSDP2's DTensor parameters, ``Shard(0)`` on a 1-D mesh, or HSDP's
+``(Replicate(), Shard(0))`` on a 2-D replicate x shard mesh) in the optimizers.
 
 Every rank holds rows [o, o + m_local) of a weight :math:`W \in \mathbb{R}^{m\times n}` and of its
 gradient. The update equals the one on the full matrix, with as little communication as the
@@ -15,6 +16,11 @@ projection side allows:
 
 Optimizer state follows the weight: row-local moments are ``Shard(0)`` DTensors, replicated ones
 ``Replicate()`` DTensors, so that ``torch.distributed.checkpoint`` saves each piece once.
+
+HSDP (a 2-D mesh): each replica group holds the whole weight, sharded over its shard dimension, and
+FSDP2 has already averaged the gradient over the replicas. The sums above therefore run over the
+shard dimension only (``RowShard.group``): summing over the replicas too would add identical copies.
+Every replica computes the same update from the same numbers.
 """
 from __future__ import annotations
 
@@ -32,19 +38,22 @@ except ImportError:  # pragma: no cover
 
 @dataclass(frozen=True)
 class RowShard:
-    """Rows [offset, offset + rows) of a weight of global shape `shape`, on `mesh` (1-D)."""
+    """Rows [offset, offset + rows) of a weight of global shape `shape`, on `mesh` (1-D, or 2-D with the rows
+    sharded over its last dimension and replicated over the first), laid out as `placements`."""
 
     mesh: object
     offset: int
     rows: int
     shape: tuple[int, ...]
+    placements: tuple = ()
 
     @property
     def group(self):
-        return self.mesh.get_group()
+        """The ranks that hold the other rows of this replica: the mesh's last (shard) dimension."""
+        return self.mesh.get_group(self.mesh.ndim - 1)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the mesh's ranks in place."""
+        """Sum `tensor` over the ranks of the shard dimension in place."""
         dist.all_reduce(tensor, group=self.group)
         return tensor
 
@@ -68,21 +77,24 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def row_shard(param: torch.Tensor) -> RowShard | None:
-    """Where `param`'s rows sit, for a DTensor sharded on dim 0 over a 1-D mesh; None for a whole tensor.
+    """Where `param`'s rows sit, for a DTensor sharded on dim 0 (FSDP2's ``(Shard(0),)``, HSDP's
+    ``(Replicate(), Shard(0))``); None for a whole tensor.
 
     A replicated DTensor is whole on every rank (None); other layouts are refused with a ValueError.
     """
     if not is_dtensor(param):
         return None
     mesh, placements = param.device_mesh, tuple(param.placements)
-    if mesh.ndim != 1:
-        raise ValueError(f"apollo optimizers take DTensor parameters on a 1-D device mesh, got a {mesh.ndim}-D mesh")
-    if placements == (Replicate(),):
+    if mesh.ndim > 2:
+        raise ValueError(f"apollo optimizers take DTensor parameters on a 1-D or 2-D (HSDP) device mesh, got a "
+                         f"{mesh.ndim}-D mesh")
+    if all(p == Replicate() for p in placements):
         return None
-    if placements != (Shard(0),):
-        raise ValueError(f"apollo optimizers take DTensor parameters sharded on dim 0 (FSDP2), got {placements}")
+    if placements != (Replicate(),) * (mesh.ndim - 1) + (Shard(0),):
+        raise ValueError(f"apollo optimizers take DTensor parameters sharded on dim 0 (FSDP2, or HSDP's replicate x "
+                         f"shard), got {placements}")
     local_shape, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
-    return RowShard(mesh=mesh, offset=offset[0], rows=local_shape[0], shape=tuple(param.shape))
+    return RowShard(mesh=mesh, offset=offset[0], rows=local_shape[0], shape=tuple(param.shape), placements=placements)
 
 
 def zeros_like_layout(param: torch.Tensor, shape: tuple[int, ...], *, rows_sharded: bool, dtype: torch.dtype,
@@ -95,9 +107,9 @@ def zeros_like_layout(param: torch.Tensor, shape: tuple[int, ...], *, rows_shard
     shard = row_shard(param)
     if rows_sharded and shard is not None:
         local_shape = (shard.rows, *shape[1:])
-        placements = (Shard(0),)
+        placements = shard.placements
     else:
-        local_shape, placements = tuple(shape), (Replicate(),)
+        local_shape, placements = tuple(shape), (Replicate(),) * mesh.ndim
     local_zeros = torch.zeros(local_shape, dtype=dtype, device=device)
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local_zeros, mesh, placements, shape=torch.Size(shape), stride=stride)

@@ -7,6 +7,12 @@ are one line too: a checkpoint damaged past the preflight's checks (a CRC-32 mis
 loading) exits 2; a NaN/inf loss (with --nan_policy stop) exits 1 naming the update; a save that failed
 (a full disk, a write error) exits 1 saying so, its temporary folder removed and the previous
 checkpoint untouched. A finished run, and a run stopped by SIGTERM/SIGINT after saving, exit 0.
+
+Restarts resume themselves (--resume auto, the default): the same command into a run folder whose
+newest complete checkpoint was saved with the same settings resumes it (one line says from which
+update), so `torchrun --max_restarts` and a requeued SLURM job recover a run by running the command
+again; a finished run started again exits 0 saying it is complete; other settings are refused as for
+--continue_from. `--resume never` refuses any folder with checkpoints.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from train.checkpoint import DISK_FULL_ERRNOS, CheckpointError, CheckpointSaveEr
 from train.config import ConfigError, parse_args, resolve
 from train.distributed import broadcast_object, env_world, setup, teardown
 from train.preflight import preflight
+from train.resume_check import RunComplete, auto_resume, explicit_resume
 
 
 def one_line(text: str) -> str:
@@ -30,13 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     rank, _, world_size = env_world()
     say = (lambda line: print(one_line(line), file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)
     try:
-        config, warnings = resolve(parse_args(argv), world_size)
+        config, warnings = resolve(explicit_resume(parse_args(argv)), world_size)
+        config, resumed = auto_resume(config)  # a restarted or requeued job: the same command into the same folder
         config, tokenizer, more_warnings = preflight(config, world_size)
     except (ConfigError, CheckpointError) as error:
         say(f"error: {error}")
         return 2
+    except RunComplete as done:  # sweeps and requeued jobs run a finished command again
+        say(str(done))
+        return 0
     for warning in warnings + more_warnings:
         say(f"warning: {warning}")
+    if resumed:
+        say(resumed)
     if config.dry_run:  # before any process group: a launcher may set WORLD_SIZE for a single dry-run process
         from train.plan import describe
 

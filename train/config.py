@@ -145,6 +145,8 @@ class TrainConfig:
                                "(fully_shard per decoder layer and the root) instead of DDP; sharded checkpoints")
     fsdp_mixed_precision: bool = option(False, "with --fsdp: compute in bfloat16 and reduce gradients in float32; "
                                                "weights and optimizer state stay float32 (--dtype float32)")
+    replicate_degree: int = option(1, "with --fsdp: HSDP, a 2-D mesh of R replicas x world/R shards (typically R = nodes): "
+                                      "weights shard inside a replica and gradients are averaged across replicas", low=1)
     weight_quant: bool = option(False, "store attention/MLP weights as uint8 groups (Q-APOLLO; needs a low-rank optimizer)")
     weight_bits: int = option(8, "bits per quantised weight (only 8 is supported)")
     weight_group_size: int = option(128, "elements per quantisation group (scale and zero point); must divide every "
@@ -163,6 +165,13 @@ class TrainConfig:
         None, "run folder: config.json, metrics.jsonl, step_* checkpoints (default checkpoints/<model>-<time>, "
               "or the run folder of --continue_from)")
     continue_from: Optional[str] = option(None, "resume exactly from a checkpoint folder, or the latest checkpoint of a run folder")
+    async_save: bool = option(False, "with --fsdp: write checkpoint shards in the background (torch.distributed.checkpoint"
+                                     ".async_save); training goes on, and the checkpoint is committed (manifest, rename) "
+                                     "at the next save or the end; the last save of a run is synchronous")
+    resume: str = option("auto", "auto: when --save_dir holds checkpoints of this same run, resume its newest complete one "
+                                 "(a restarted or requeued job runs the same command again; a finished run exits 0); "
+                                 "never: refuse a --save_dir with checkpoints; or a checkpoint / run folder to resume "
+                                 "(as --continue_from)")
     seed: int = option(0, "seed of torch, python and numpy random (model initialisation; the data order is --data_seed)",
                        low=0, high=2**32 - 1)
     dry_run: bool = option(False, "check everything and print the plan (parameter split, batch arithmetic, steps, tokens, "

@@ -52,9 +52,30 @@ def setup(timeout_minutes: float = 30.0) -> Distributed:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = timedelta(minutes=timeout_minutes)
+        store = attempt_store(world_size, timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                **({"store": store, "rank": rank, "world_size": world_size} if store else {}))
     return Distributed(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun's elastic agent: its TCPStore, seen through a prefix of this restart attempt; None otherwise.
+
+    torchrun's workers share the agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE), and the rendezvous
+    keeps that server across `--max_restarts` restarts (dynamic_rendezvous.py's shared TCP store
+    server, created once), while `init_process_group("env://")` uses it without a prefix
+    (rendezvous.py assumes "a new TCPStore for every retry"). The process group's keys of the killed attempt
+    (each rank's gloo address) are then still there: a restarted rank reads the dead rank's old address
+    ("Connection refused") or waits on a key that is never rewritten. With the keys prefixed by
+    TORCHELASTIC_RESTART_COUNT every attempt starts from an empty namespace.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"attempt_{attempt}", store)
 
 
 def teardown() -> None:
@@ -136,16 +157,24 @@ def wrap_model(model: nn.Module, ctx: Distributed, *, single_gpu: bool = False, 
     return (BucketViewDDP if bucket_view else DistributedDataParallel)(model, device_ids=device_ids)
 
 
-def shard_model(model: nn.Module, ctx: Distributed, *, mixed_precision: bool = False) -> nn.Module:
+def shard_model(model: nn.Module, ctx: Distributed, *, mixed_precision: bool = False,
+                replicate_degree: int = 1) -> nn.Module:
     """FSDP2 in place: each decoder layer, then the root (embeddings, final norm, lm_head), sharded by rows
     over all processes (`torch.distributed.fsdp.fully_shard`); the parameters become DTensors.
 
     `mixed_precision`: compute in bfloat16, reduce gradients in float32 (the sharded weights keep their dtype).
+    `replicate_degree` R > 1: HSDP on a 2-D mesh ("replicate", "shard") of R x world/R, consecutive ranks
+    in one replica (one node under torchrun): parameters are (Replicate(), Shard(0)) DTensors, gradients
+    are reduce-scattered inside a replica and all-reduced across replicas.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    if replicate_degree > 1:
+        mesh = init_device_mesh(ctx.device.type, (replicate_degree, ctx.world_size // replicate_degree),
+                                mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
               else MixedPrecisionPolicy())
     for layer in model.model.layers:
@@ -174,6 +203,20 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     return [t.tolist() for t in gathered]
+
+
+def world_size() -> int:
+    """Processes in the default group: 1 without one (a plain process, or before `setup`)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's picklable `value`, in rank order; [value] with one process."""
+    if world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def broadcast_object(value: Any) -> Any:

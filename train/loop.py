@@ -27,8 +27,8 @@ import torch
 
 import apollo
 from apollo import quant, sharded
-from train.checkpoint import (capture_rng, find_checkpoint, load_checkpoint, prune_checkpoints, restore_rng,
-                              save_checkpoint)
+from train.checkpoint import (PendingCheckpoint, capture_rng, find_checkpoint, load_checkpoint, prune_checkpoints,
+                              restore_rng, save_checkpoint)
 from train.build import build_optimizer, quantize
 from train.config import TrainConfig
 from train.data import build_train_loader
@@ -76,7 +76,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     counts = parameter_counts(model)  # before quantisation: the int8 layers are no longer nn.Linear
     quantize(model, config)  # --weight_quant: uint8 attention/MLP weights, before DDP and the optimizer see them
     if config.fsdp:  # the optimizer must see the sharded (DTensor) parameters
-        shard_model(model, ctx, mixed_precision=config.fsdp_mixed_precision)
+        shard_model(model, ctx, mixed_precision=config.fsdp_mixed_precision, replicate_degree=config.replicate_degree)
     optimizer = build_optimizer(model, config)  # --layerwise: updates run from gradient hooks inside backward
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     loader = build_train_loader(tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
@@ -104,19 +104,34 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                 f"{'es' if ctx.world_size > 1 else ''}); "
                 f"run folder {run_dir}")
 
-    def save(step: int) -> None:
-        save_checkpoint(run_dir, step, model=model, optimizer=optimizer, rank=ctx.rank, sharded=config.fsdp,
-                        config=config.to_dict(),
-                        trainer_state={"counters": dict(state), "world_size": ctx.world_size,
-                                       "schedule": {"scheduler": config.scheduler, "base_lrs": base_lrs,
-                                                    "warmup_steps": config.warmup_steps,
-                                                    "num_training_steps": config.num_training_steps,
-                                                    "min_lr_ratio": config.min_lr_ratio,
-                                                    "decay_fraction": config.decay_fraction}},
-                        rank_state={"data": loader.state_dict(), "rng": capture_rng()})
+    pending: list[PendingCheckpoint] = []  # --async_save: the save whose shards are still being written
+
+    def finish_saving() -> None:
+        """Commit the asynchronous save in flight (every rank), then prune."""
+        while pending:
+            pending.pop().wait()
+            prune()
+
+    def prune() -> None:
         if config.keep_last and ctx.is_main:  # only now that the new checkpoint is complete
             for path in prune_checkpoints(run_dir, config.keep_last):
                 logger.info(f"deleted {path} (--keep_last {config.keep_last})")
+
+    def save(step: int, *, last: bool = False) -> None:
+        finish_saving()
+        saved = save_checkpoint(run_dir, step, model=model, optimizer=optimizer, rank=ctx.rank, sharded=config.fsdp,
+                                asynchronous=config.async_save and not last, config=config.to_dict(),
+                                trainer_state={"counters": dict(state), "world_size": ctx.world_size,
+                                               "schedule": {"scheduler": config.scheduler, "base_lrs": base_lrs,
+                                                            "warmup_steps": config.warmup_steps,
+                                                            "num_training_steps": config.num_training_steps,
+                                                            "min_lr_ratio": config.min_lr_ratio,
+                                                            "decay_fraction": config.decay_fraction}},
+                                rank_state={"data": loader.state_dict(), "rng": capture_rng()})
+        if isinstance(saved, PendingCheckpoint):  # committed at the next save or at the end
+            pending.append(saved)
+        else:
+            prune()
 
     def run_eval(step: int) -> None:
         result = evaluate(model, tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
@@ -156,9 +171,12 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                 batch = next(batches)
                 tokens += int(batch["attention_mask"].sum())
                 batch = {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
+                # DDP all-reduces once per update (no_sync before); FSDP2 reduce-scatters every micro-step, so the
+                # gradients accumulate as this rank's shards instead of whole tensors (sync stays on: with it
+                # off at the last micro-step, .grad would stay None and the optimizer skip every parameter)
                 syncing = micro_step == accum - 1 or ddp_model is model
-                if config.fsdp:  # reduce-scatter the gradients once per update
-                    model.set_requires_gradient_sync(micro_step == accum - 1)
+                if config.fsdp and config.replicate_degree > 1:  # HSDP: all-reduce across replicas once per update
+                    model.set_requires_all_reduce(micro_step == accum - 1)
                 with nullcontext() if syncing else ddp_model.no_sync():  # all-reduce grads once per update
                     loss = ddp_model(**batch).loss / accum
                     loss.backward()
@@ -207,7 +225,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                 logger.progress(1)
 
             if stops and step < config.num_training_steps:
-                save(step)
+                save(step, last=True)
                 logger.info(f"stop signal: saved update {step} to {run_dir}; resume with --continue_from {run_dir}")
                 exit_code = 0
                 return exit_code
@@ -215,7 +233,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
         if state["last_eval_step"] != step:
             run_eval(step)
         if step > start_step:
-            save(step)
+            save(step, last=True)
+        finish_saving()
         # replicas must agree (DDP); sharded runs hold different rows on each rank by design
         checksums = all_gather_floats(_checksum(model), ctx.device)  # [[sum, sum of squares] of each rank]
         identical = config.fsdp or all(value == checksums[0] for value in checksums)

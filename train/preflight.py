@@ -3,8 +3,10 @@
 `preflight(config, world_size)` runs after `train.config.resolve` (which checks every value by its
 field's domain) and before the run folder, wandb or any process group exist; it creates nothing. In
 order, cheap first:
+  0. the device mesh: --replicate_degree divides the processes (HSDP needs --fsdp), --async_save needs --fsdp;
   1. the save folder: creatable and writable; no checkpoints of another run in it (a new run into a
-     folder with checkpoints, or a resume into a folder holding checkpoints newer than the one resumed);
+     folder with checkpoints under --resume never, or a resume into a folder holding checkpoints newer
+     than the one resumed; --resume auto has already chosen the newest of this run, train/resume_check.py);
   2. the model config's contents: positive integer sizes, hidden size divisible by the heads, kv heads
      dividing the heads, an even head dimension, token ids inside the vocabulary, a known activation,
      positive norm epsilon and rope theta, `max_position_embeddings` >= --max_length; then whatever
@@ -53,6 +55,7 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[TrainConfig, Any, l
     from train.model import build_model
 
     warnings: list[str] = []
+    check_mesh(config, world_size)
     check_save_dir(config.save_dir)
     llama_config, more = check_model_config(config.model_config, max_length=config.max_length)
     warnings += more
@@ -95,6 +98,25 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[TrainConfig, Any, l
     return config, tokenizer, warnings
 
 
+# ----------------------------------------------------------------------------- the device mesh
+
+
+def check_mesh(config: TrainConfig, world_size: int) -> None:
+    """--replicate_degree R (HSDP): with --fsdp, R dividing the world size into replicas of at least 2 processes;
+    --async_save: with --fsdp."""
+    if config.async_save and not config.fsdp:
+        raise ConfigError("--async_save writes torch.distributed.checkpoint shards in the background: it needs --fsdp")
+    degree = config.replicate_degree
+    if degree == 1:
+        return
+    if not config.fsdp:
+        raise ConfigError(f"--replicate_degree {degree} builds an HSDP mesh for --fsdp; add --fsdp (DDP replicates "
+                          "every process already)")
+    if world_size % degree or world_size // degree < 2:
+        raise ConfigError(f"--replicate_degree {degree} must divide the {world_size} processes into replicas of at least "
+                          f"2 (the shard dimension); e.g. the number of nodes")
+
+
 # ----------------------------------------------------------------------------- the run folder
 
 
@@ -113,7 +135,7 @@ def check_run_history(save_dir: str, resumed_step: int | None) -> None:
     complete = [path for path in checkpoint_folders(save_dir) if damage(path) is None]
     if resumed_step is None and complete:
         raise ConfigError(f"--save_dir {save_dir} already holds checkpoints of a run (newest {complete[-1].name}): "
-                          f"resume it with --continue_from {save_dir}, or choose another --save_dir")
+                          f"resume it with --continue_from {save_dir} (or --resume auto, the default), or choose another --save_dir")
     newer = [path.name for path in complete if resumed_step is not None and step_of(path) > resumed_step]
     if newer:
         raise ConfigError(f"--save_dir {save_dir} holds {', '.join(newer)}, newer than the checkpoint resumed (update "

@@ -11,6 +11,8 @@ second group until it is listed here. The world size is checked apart (one rank 
 | may change on resume    | why it is safe                                                                 |
 |-------------------------|--------------------------------------------------------------------------------|
 | continue_from, save_dir | where the run is read from and written to                                      |
+| resume                  | how the checkpoint to resume is chosen (auto, never, a path)                   |
+| async_save              | when checkpoint shards are written (the same files)                            |
 | name, project, entity   | wandb bookkeeping                                                              |
 | wandb                   | wandb mode (online/offline/disabled)                                           |
 | log_every               | how often metrics are logged                                                   |
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
 from typing import Any
 
@@ -44,6 +47,8 @@ from train.schedule import lr_multiplier
 MAY_CHANGE: dict[str, str] = {
     "continue_from": "where the run is read from",
     "save_dir": "where the run is written to",
+    "resume": "how the checkpoint to resume is chosen",
+    "async_save": "when checkpoint shards are written; the same files",
     "name": "wandb run name",
     "project": "wandb project",
     "entity": "wandb entity",
@@ -62,6 +67,7 @@ MAY_CHANGE: dict[str, str] = {
     "max_train_tokens": "sets num_training_steps",
 }
 PATH_FIELDS = ("model_config", "tokenizer", "data_dir")
+WHERE = ("continue_from", "save_dir", "resume")
 
 
 def _same(name: str, saved: Any, value: Any) -> bool:
@@ -75,11 +81,14 @@ def _same(name: str, saved: Any, value: Any) -> bool:
     return False
 
 
-def check_resume(saved: dict[str, Any], config: TrainConfig, *, step: int, checkpoint: str) -> list[str]:
+def check_resume(saved: dict[str, Any], config: TrainConfig, *, step: int, checkpoint: str,
+                 lead: tuple[str, str] | None = None, finished_ok: bool = False) -> list[str]:
     """Compare a checkpoint's saved config with the resolved command line; returns warnings, raises ConfigError.
 
     `saved` is the checkpoint's config.json; a field it lacks (saved by an older version) had its default.
-    `step` is the checkpoint's update count.
+    `step` is the checkpoint's update count. `lead`: the refusal's (opening, advice) around the
+    differing fields (default: the --continue_from wording); `finished_ok`: a checkpoint at or past --num_training_steps is not refused here (--resume
+    auto reports such a run as complete).
     """
     fields = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
     defaults = {name: spec.default for name, spec in fields.items() if spec.default is not dataclasses.MISSING}
@@ -91,12 +100,16 @@ def check_resume(saved: dict[str, Any], config: TrainConfig, *, step: int, check
         if _same(name, before, value):
             continue
         change = f"--{name} {before!r} -> {value!r}"
-        (allowed if name in MAY_CHANGE else differing).append(change)
+        if name in MAY_CHANGE:
+            if name not in WHERE:  # where the run is read from and written to: not worth a warning
+                allowed.append(change)
+        else:
+            differing.append(change)
     if differing:
-        raise ConfigError(f"--continue_from {checkpoint} was saved with other settings that change the training: "
-                          f"{', '.join(differing)} (checkpoint -> command line); resume with the checkpoint's values, "
-                          "or start a new run")
-    if config.num_training_steps <= step:
+        opening, advice = lead or (f"--continue_from {checkpoint} was saved with other settings that change the "
+                                   "training", "resume with the checkpoint's values, or start a new run")
+        raise ConfigError(f"{opening}: {', '.join(differing)} (checkpoint -> command line); {advice}")
+    if config.num_training_steps <= step and not finished_ok:
         raise ConfigError(f"--num_training_steps {config.num_training_steps}: the checkpoint {checkpoint} is at update "
                           f"{step} already; give more updates to train on")
     warnings = []
@@ -115,3 +128,56 @@ def check_resume(saved: dict[str, Any], config: TrainConfig, *, step: int, check
         warnings.append(f"the {config.scheduler} schedule is recomputed for {config.num_training_steps} updates: the lr "
                         f"multiplier at update {step} goes from {before:.6g} to {after:.6g}")
     return warnings
+
+
+# ----------------------------------------------------------------------------- --resume
+
+
+class RunComplete(Exception):
+    """--resume auto found this run finished (its newest checkpoint at --num_training_steps): exit 0, one line."""
+
+
+def explicit_resume(config: TrainConfig) -> TrainConfig:
+    """--resume PATH is --continue_from PATH (before `resolve`, which derives --save_dir from it)."""
+    if config.resume in ("auto", "never"):
+        return config
+    if config.continue_from is not None and config.continue_from != config.resume:
+        raise ConfigError(f"--resume {config.resume} and --continue_from {config.continue_from} name two checkpoints; "
+                          "give one of them")
+    return dataclasses.replace(config, continue_from=config.resume)
+
+
+def auto_resume(config: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """--resume auto on a resolved config: (config to run, the line saying what was resumed, or None).
+
+    When --save_dir holds a complete checkpoint and no --continue_from was given, the newest complete
+    one is resumed if it was saved with this command's settings (those of MAY_CHANGE may differ, as
+    with --continue_from); other settings: ConfigError naming every differing field; a checkpoint at or
+    past --num_training_steps: RunComplete. A folder without complete checkpoints starts a new run.
+    Every rank reads the same files, so every rank decides alike.
+    """
+    from train.checkpoint import CheckpointError, checkpoint_folders, select_checkpoint
+
+    if config.resume != "auto" or config.continue_from is not None or not checkpoint_folders(config.save_dir):
+        return config, None
+    try:
+        checkpoint, _ = select_checkpoint(config.save_dir)
+    except CheckpointError:  # only damaged ones: a new run replaces them
+        return config, None
+    try:
+        import torch
+
+        step = int(torch.load(checkpoint / "trainer.pt", weights_only=True)["counters"]["step"])
+        saved = json.loads((checkpoint / "config.json").read_text())
+    except Exception as error:  # unpickling raises many types; each means the checkpoint cannot be used
+        raise ConfigError(f"--resume auto: {checkpoint}: unreadable ({type(error).__name__}: {error})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume auto: {checkpoint / 'config.json'} is not a json object")
+    lead = (f"--save_dir {config.save_dir} holds checkpoints of a run with other settings that change the training",
+            "run its command to resume it, or choose another --save_dir")
+    check_resume(saved, config, step=step, checkpoint=str(checkpoint), lead=lead, finished_ok=True)
+    if step >= config.num_training_steps:
+        raise RunComplete(f"{config.save_dir}: the run is already complete ({checkpoint.name}, update {step} of "
+                          f"{config.num_training_steps}); nothing to do")
+    return (dataclasses.replace(config, continue_from=str(checkpoint)),
+            f"--resume auto: resuming {checkpoint} at update {step} of {config.num_training_steps} (same settings)")

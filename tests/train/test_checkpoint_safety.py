@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 
 import train.checkpoint as ckpt
+import train.checkpoint.save as ckpt_save
 from tests.train.test_checkpoint import make, save, train_steps
 from train.checkpoint import (CheckpointSaveError, checkpoint_path, damage, find_checkpoint, load_checkpoint,
                               verify_sums)
@@ -34,7 +35,7 @@ LEFTOVER = (".tmp-", ".old-", ".del-")
 class Faults:
     """Numbers the file-system events of a save; at event `at` raises ENOSPC or SIGKILLs this process.
 
-    `install` shadows `open` in train.checkpoint and patches save_model, os.fsync, Path.mkdir/rename/chmod
+    `install` shadows `open` in train.checkpoint.save and patches save_model, os.fsync, Path.mkdir/rename/chmod
     and shutil.rmtree. A write event happens after half of the file's bytes reached the disk. fsync does
     nothing here (speed; durability is not what these tests measure).
     """
@@ -52,7 +53,7 @@ class Faults:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
     def install(self, patch) -> None:
-        faults, real_open, real_save_model = self, open, ckpt.save_model
+        faults, real_open, real_save_model = self, open, ckpt_save.save_model
         real_mkdir, real_rename, real_chmod, real_rmtree = (pathlib.Path.mkdir, pathlib.Path.rename, pathlib.Path.chmod,
                                                             shutil.rmtree)
 
@@ -95,8 +96,8 @@ class Faults:
                     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
             faults.event("write model.safetensors")
 
-        patch(ckpt, "open", fake_open, raising=False)
-        patch(ckpt, "save_model", save_model)
+        patch(ckpt_save, "open", fake_open, raising=False)
+        patch(ckpt_save, "save_model", save_model)
         patch(os, "fsync", lambda fd: faults.event("fsync"))
         patch(pathlib.Path, "mkdir", lambda self, *a, **k: (faults.event(f"mkdir {self.name}"), real_mkdir(self, *a, **k))[1])
         patch(pathlib.Path, "rename", lambda self, target: (faults.event(f"rename {self.name}"), real_rename(self, target))[1])
@@ -336,7 +337,7 @@ def test_the_cli_stops_on_a_full_disk_with_one_line_and_the_run_resumes_bit_exac
 
     flags = dict(num_training_steps=4, save_every=2, eval_every=100, keep_last=1)
     run, reference = tmp_path / "run", tmp_path / "reference.safetensors"
-    calls, real = [], ckpt.save_model
+    calls, real = [], ckpt_save.save_model
 
     def second_save_fills_the_disk(model, filename, *args, **kwargs):
         calls.append(filename)
@@ -347,7 +348,7 @@ def test_the_cli_stops_on_a_full_disk_with_one_line_and_the_run_resumes_bit_exac
 
     capsys.readouterr()
     with monkeypatch.context() as patch:
-        patch.setattr(ckpt, "save_model", second_save_fills_the_disk)
+        patch.setattr(ckpt_save, "save_model", second_save_fills_the_disk)
         assert cli.main(tiny_args(tmp_path, c4_dir, tokenizer_dir, run, **flags)) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
@@ -420,7 +421,7 @@ def _fail_one_rank(rank, root, sharded, kill):
 
             FileSystem.create_stream = create_stream
         else:
-            ckpt.open = lambda path, mode="r", *a, **k: fail(path) if "w" in mode else open(path, mode, *a, **k)
+            ckpt_save.open = lambda path, mode="r", *a, **k: fail(path) if "w" in mode else open(path, mode, *a, **k)
     try:
         save(root, 3, model, optimizer, rank=rank, sharded=sharded)
         raise AssertionError(f"rank {rank}: the save of update 3 succeeded")
@@ -444,7 +445,7 @@ def _fail_one_rank(rank, root, sharded, kill):
             meta, _ = make("adamw")
         ckpt.check_fits(root / "step_0000002", meta, None)
     if rank == 1:  # undo the fault
-        ckpt.__dict__.pop("open", None)
+        ckpt_save.__dict__.pop("open", None)
         if sharded:
             FileSystem.create_stream = real_stream
 

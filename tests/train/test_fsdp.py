@@ -78,3 +78,58 @@ def test_fsdp_mixed_precision_tracks_the_float32_run(runs, c4_dir, tokenizer_dir
     half = [r["loss"] for r in read_metrics(mixed) if "loss" in r]
     assert half == pytest.approx(full, rel=1e-2) and half != full
     assert sharded_weights(mixed / "step_0000004", tmp_path)["lm_head.weight"].dtype == torch.float32
+
+
+def test_async_saves_write_the_same_checkpoints(runs, tmp_path):
+    """--async_save: the shards of update 2 are written in the background while updates 3-4 train; the run
+    ends with the synchronous run's weights, and both checkpoints hold its shards bit for bit, with manifests."""
+    from train.checkpoint import damage, verify_sums
+
+    folder, argv = runs["adamw"]
+    asynchronous = tmp_path / "async"
+    run_train(argv + ["--async_save", "--save_dir", str(asynchronous)], nproc=2)
+    assert sorted(p.name for p in asynchronous.iterdir() if p.name.startswith(("step_", ".tmp"))) == [
+        "step_0000002", "step_0000004"]
+    for step in ("step_0000002", "step_0000004"):
+        assert damage(asynchronous / step) is None and verify_sums(asynchronous / step) is None
+        expected = sharded_weights(folder / "fsdp" / step, tmp_path)
+        got = sharded_weights(asynchronous / step, asynchronous)
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (step, key)
+
+
+@pytest.mark.slow
+def test_a_kill_during_async_saves_loses_nothing_complete(runs, tmp_path):
+    """SIGKILL of the whole job while background writes may be in flight: every step_* folder left is complete
+    (manifest, CRC-32), and the same command run again resumes and ends with the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.train.test_cli import REPO_ROOT, train_command
+    from train.checkpoint import damage, verify_sums
+
+    folder, argv = runs["adamw"]
+    run = tmp_path / "run"
+    command = train_command(argv + ["--async_save", "--save_every", "1", "--save_dir", str(run)], nproc=2)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    job = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (run / "step_0000001").exists():
+        assert job.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    launcher = psutil.Process(job.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:  # torchrun's workers have sessions of their own
+        process.send_signal(signal.SIGKILL)
+    job.wait()
+    assert not (run / "step_0000004").exists()
+    left = sorted(p.name for p in run.iterdir() if p.name.startswith("step_"))
+    assert left and all(damage(run / name) is None and verify_sums(run / name) is None for name in left), left
+    again = run_train(argv + ["--async_save", "--save_every", "1", "--save_dir", str(run)], nproc=2)
+    assert "--resume auto: resuming" in again.stderr, again.stderr[-2000:]
+    expected = sharded_weights(folder / "fsdp" / "step_0000004", tmp_path)
+    got = sharded_weights(run / "step_0000004", run)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

@@ -211,7 +211,9 @@ def test_ddp_estimate_matches_two_gloo_processes():
 @pytest.mark.parametrize("mode,optimizer", [("ddp_copy", "adamw"), ("ddp", "apollo"), ("fsdp", "adamw"),
                                             ("fsdp", "apollo"), ("fsdp", "muon")])
 def test_distributed_estimate_matches_two_gloo_processes(mode, optimizer):
-    """Plain DDP to 1%; FSDP2 per-rank totals to the stated 5% (states exactly)."""
+    """Plain DDP to 1%; FSDP2 per-rank totals within 5% above and 15% below (states exactly): FSDP2 reduce-scatters
+    every micro-batch, and whether the next layer's all-gather is already in flight at the start of backward
+    varies between the ranks and the runs (2 to 4 layers on the tiny model); the estimate counts 4."""
     options = {"rank": 4} if optimizer == "apollo" else {}
     e = memory.estimate(TINY, optimizer=optimizer, batch_size=2, max_length=16, dtype="float32", device="cpu",
                         world_size=2, gradient_accumulation=2, ddp_bucket_view=mode != "ddp_copy",
@@ -220,4 +222,22 @@ def test_distributed_estimate_matches_two_gloo_processes(mode, optimizer):
                                        gradient_accumulation=2, **options)
     for peak, states in ranks:
         assert states <= e.optimizer_states
-        assert abs(peak - e.total) < (0.05 if mode == "fsdp" else 0.01) * e.total, (peak, e.total)
+        if mode == "fsdp":
+            assert 0.85 * e.total <= peak <= 1.05 * e.total, (peak, e.total)
+        else:
+            assert abs(peak - e.total) < 0.01 * e.total, (peak, e.total)
+
+
+def test_fsdp_accumulation_holds_gradient_shards():
+    """Accumulating under FSDP2 adds exactly this rank's shard of every gradient to the synchronising step's peak
+    (the loop reduce-scatters every micro-batch), not the unsharded gradients."""
+    common = dict(optimizer="adamw", batch_size=2, max_length=16, dtype="float32", device="cpu", world_size=2, fsdp=True)
+    once, accumulating = memory.estimate(TINY, **common), memory.estimate(TINY, gradient_accumulation=4, **common)
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(TINY)
+    shards = sum(memory.shard_numel(tuple(p.shape), 2) * 4 for p in model.parameters())  # float32 rows per rank
+    assert accumulating.total - once.total == shards == accumulating.breakdown["gradients"]
+    assert accumulating.peak_phase == once.peak_phase == "backward start"

@@ -281,7 +281,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(base, saved_run, capsy
 
 
 def test_a_run_folder_holds_one_run(base, saved_run, capsys):
-    line = refused(base, capsys)  # a new run into a folder with checkpoints
+    line = refused(base, capsys, {"--resume": "never"})  # a new run into a folder with checkpoints
     assert f"--save_dir {saved_run} already holds checkpoints of a run (newest step_0000003): resume it with " \
            f"--continue_from {saved_run}" in line
     shutil.copytree(checkpoint_path(saved_run, 3), checkpoint_path(saved_run, 6))
@@ -316,6 +316,9 @@ COMBINATIONS = [  # (flags, world size, the error)
     ({"--max_train_tokens": "10000000000B"}, 1, "--max_train_tokens 10000000000000000000 does not fit in 64 bits"),
     ({"--name": ""}, 1, "--name must not be empty"),
     ({"--project": "a\nb"}, 1, "--project 'a\\nb' holds a control character"),
+    ({"--replicate_degree": "2"}, 4, "--replicate_degree 2 builds an HSDP mesh for --fsdp; add --fsdp"),
+    ({"--fsdp": True, "--replicate_degree": "3"}, 4, "--replicate_degree 3 must divide the 4 processes into replicas of at least 2"),
+    ({"--fsdp": True, "--replicate_degree": "2"}, 2, "--replicate_degree 2 must divide the 2 processes into replicas of at least 2"),
 ]
 
 
@@ -325,3 +328,37 @@ def test_bad_combinations_exit_2_with_one_line(changes, world, message, base, ca
     monkeypatch.setenv("RANK", "0")
     line = refused(base, capsys, changes)
     assert message in line, line
+
+
+# -- --resume auto: a restarted or requeued job runs the same command again ----------------------------------
+
+
+def test_the_same_command_resumes_the_newest_checkpoint_with_one_line(base, saved_run, capsys):
+    shutil.copytree(checkpoint_path(saved_run, 3), checkpoint_path(saved_run, 2))  # an older one is not chosen
+    capsys.readouterr()
+    assert cli.main(argv_of(base["flags"])) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"--resume auto: resuming {checkpoint_path(saved_run, 3)} at update 3 of 6 (same settings)"], err
+    assert base["started"].pop().continue_from == str(checkpoint_path(saved_run, 3))
+
+
+def test_the_same_folder_with_other_settings_is_refused_naming_the_fields(base, saved_run, capsys):
+    line = refused(base, capsys, {"--lr": "0.02", "--seed": "1"})
+    assert line == (f"error: --save_dir {saved_run} holds checkpoints of a run with other settings that change the "
+                    "training: --lr 0.01 -> 0.02, --seed 0 -> 1 (checkpoint -> command line); run its command to resume "
+                    "it, or choose another --save_dir"), line
+
+
+def test_a_finished_run_started_again_exits_0_saying_it_is_complete(base, saved_run, capsys):
+    capsys.readouterr()
+    assert cli.main(argv_of({**base["flags"], "--num_training_steps": "3"})) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"{saved_run}: the run is already complete (step_0000003, update 3 of 3); nothing to do"]
+    assert not base["started"]
+
+
+def test_resume_path_is_continue_from(base, saved_run, capsys):
+    assert cli.main(argv_of({**base["flags"], "--resume": str(saved_run), "--save_dir": str(base["tmp"] / "again")})) == 0
+    assert base["started"].pop().continue_from == str(checkpoint_path(saved_run, 3))
+    line = refused(base, capsys, {"--resume": str(saved_run), "--continue_from": str(base["tmp"])})
+    assert line == f"error: --resume {saved_run} and --continue_from {base['tmp']} name two checkpoints; give one of them"

@@ -9,7 +9,7 @@ activations    `train.memory.terms`
 scratch        `train.memory.scratch` (per optimizer)
 DDP buckets, FSDP2   `train.memory.fsdp`
 total (peak)   weights + states (+ DDP buckets) + the largest of these phases of a step:
-                 backward start       activations (+ every gradient when accumulating: micro-steps >= 2)
+                 backward start       activations (+ every gradient, or its shard under FSDP2, when accumulating)
                  lm_head gradient     saved - 4 V N (log-softmax freed) + recompute + lm_head's gradient
                                       (layer-wise: + the largest gradient + scratch of a non-embedding weight)
                  end of backward      outside-layer activations - 4 V N + recompute + all gradients

@@ -12,11 +12,12 @@ FSDP2          (`fsdp=True`, per process): every parameter, its gradient and eve
                moments r x n, projections, scalars) are whole on every rank. Unsharded while in use: the
                root module (embeddings, final norm, lm_head; all-gathered for forward and kept through
                backward), a decoder layer and the next one prefetched (each its all-gather buffer and its
-               copied-out parameters at the start of backward; two layers when accumulating), the layer's unsharded
+               copied-out parameters at the start of backward), the layer's unsharded
                gradients and their reduce-scatter input; at the end (the root resharded) the root's
-               gradients and their reduce-scatter input. Accumulating without a reduce-scatter
-               (set_requires_gradient_sync(False)), FSDP2 keeps every gradient unsharded, in the
-               reduce dtype, until the last micro-step. CPU check (2 gloo ranks): within 5%, states exactly.
+               gradients and their reduce-scatter input. Accumulating, the loop reduce-scatters every
+               micro-step (train/loop.py), so the earlier micro-steps' gradients are held as this rank's
+               shards, and every backward is a synchronising one. CPU check (2 gloo ranks): within 5%,
+               states exactly.
                Update scratch is that of the whole matrices (an upper bound for row-local updates).
 """
 from __future__ import annotations
@@ -86,30 +87,22 @@ def fsdp_terms(model: nn.Module, world_size: int, *, p: int, mixed_precision: bo
     weights = sharded + sum(_bytes(b) for b in model.buffers())
     return weights, {"world_size": world_size, "root": c * root_numel, "root_grad": (c + r) * root_numel,
                      "layer": c * layer_numel, "layer_grad": (c + r) * layer_numel,
-                     "head": c * model.get_output_embeddings().weight.numel(),
-                     # accumulating without a reduce-scatter (set_requires_gradient_sync(False)): FSDP2 keeps
-                     # every gradient unsharded, in the reduce dtype, until the last micro-step
-                     "accumulated": r * sum(q.numel() for q in model.parameters() if q.requires_grad)}
+                     "head": c * model.get_output_embeddings().weight.numel()}
 
 
 def fsdp_phases(phases: dict[str, dict[str, int]], f: dict, *, head: int, after_head: int, own: int,
                 accumulating: bool) -> None:
     """Add FSDP2's unsharded parameters and gradients (`fsdp_terms`' `f`) to the phases of a step, in place."""
+    # accumulating, every micro-step reduce-scatters (train/loop.py): `held` is this rank's gradient shards,
+    # and each backward is the synchronising one below
     held = phases["backward start"]["gradients"]
-    if accumulating:
-        held = f["accumulated"]
-        for phase in ("backward start", "lm_head gradient"):
-            phases[phase]["gradients"] = held + (head if phase == "lm_head gradient" else 0)
-    # the layer being all-gathered and the prefetched one, each its all-gather buffer and its copy-out
-    # (when accumulating, no reduce-scatter has run yet: two layers). Counts calibrated on 2-process
-    # CPU runs (docs/memory.md), not traced
-    phases["backward start"]["unsharded parameters"] = f["root"] + (2 if accumulating else 4) * f["layer"]
-    # a layer's unsharded gradients and (synchronising) their reduce-scatter input; accumulating,
-    # the new gradients are added into the held ones and nothing is reduce-scattered
+    # the layer being all-gathered and the prefetched one, each its all-gather buffer and its copy-out.
+    # Counts calibrated on 2-process CPU runs (docs/memory.md), not traced
+    phases["backward start"]["unsharded parameters"] = f["root"] + 4 * f["layer"]
+    # a layer's unsharded gradients and their reduce-scatter input
     phases["lm_head gradient"] = {"activations": after_head, "gradients": held,
                                   "unsharded parameters": f["root"] + 2 * f["layer"],
-                                  "unsharded gradients": f["head"] + (f["layer"] if accumulating
-                                                                      else f["layer_grad"])}
+                                  "unsharded gradients": f["head"] + f["layer_grad"]}
     # the root reshards before its reduce-scatter: its unsharded gradients and the reduce-scatter input
     phases["end of backward"]["unsharded gradients"] = f["root_grad"]
     phases["end of backward"]["gradients"] = own

@@ -138,8 +138,7 @@ def _distributed_worker(rank: int, init_file: str, world_size: int, config, kwar
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 for micro in range(accumulation):
                     last = micro == accumulation - 1
-                    if mode == "fsdp":
-                        model.set_requires_gradient_sync(last)
+                    # FSDP2 reduce-scatters every micro-step, as train/loop.py does
                     context = wrapped.no_sync() if mode != "fsdp" and not last else torch.enable_grad()
                     with context:
                         (wrapped(input_ids=ids, attention_mask=mask, labels=labels).loss / accumulation).backward()
@@ -161,7 +160,7 @@ def measure_distributed(config, *, mode: str = "ddp", world_size: int = 2, optim
     `mode`: "ddp" (the harness's `BucketViewDDP`), "ddp_copy" (torch's plain DDP) or "fsdp" (FSDP2,
     `train.distributed.shard_model`). Each rank counts what is alive before a step (weights or its shards,
     buffers, state, batch, DDP's buckets: what the wrapper kept allocated) + its allocator's peak during the
-    step (`gradient_accumulation` micro-steps with no_sync / no gradient sync but the last).
+    step (`gradient_accumulation` micro-steps, DDP's under no_sync but the last; FSDP2 syncs every one).
     """
     import tempfile
 
