@@ -98,7 +98,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
         logger.info(f"resumed from {checkpoint} at update {state['step']}")
     start_step = state["step"]
     logger.bar.update(start_step)
-    logger.info(f"{config.optimizer}: {counts['total'] / 1e6:.2f}M parameters ({counts['low_rank'] / 1e6:.2f}M low-rank); "
+    logger.info(f"{config.optimizer}: {counts['total'] / 1e6:.2f}M parameters (its param groups: the optimizer's log); "
                 f"{config.num_training_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
                 f"({config.batch_size} x {config.gradient_accumulation} accumulation x {ctx.world_size} process"
                 f"{'es' if ctx.world_size > 1 else ''}); "
