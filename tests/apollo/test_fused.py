@@ -173,6 +173,8 @@ def test_a_weight_whose_first_gradient_comes_late_is_not_limited(fused_path):
 
 
 def test_fused_flag_reaches_the_optimizer_through_build_optimizer():
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    assert apollo.build_optimizer("apollo_mini", model, lr=0.01).fused is True
-    assert apollo.build_optimizer("apollo_mini", model, lr=0.01, fused=False).fused is False
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))  # its one layer is named "0"
+    assert apollo.build_optimizer("apollo_mini", model, lr=0.01, target_modules=["0"]).fused is True
+    assert apollo.build_optimizer("apollo_mini", model, lr=0.01, target_modules=["0"], fused=False).fused is False
+    with pytest.raises(ValueError, match=r"^target_modules \('attn', 'mlp'\) selects no trainable 2-D weight"):
+        apollo.build_optimizer("apollo_mini", model, lr=0.01)  # the LLaMA default names nothing here: refused
