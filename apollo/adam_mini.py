@@ -12,11 +12,12 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
 from .spec import OptimizerSpec
 from . import quant, sharded
-from .state_dtypes import restore_saved_dtypes, state_dtype_name
+from .base import BaseOptimizer, check_hyperparameters
+from .routing import check_coverage, trainable
+from .state_dtypes import state_dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _state_dtype_name(state_dtype: torch.dtype | str | None) -> str | None:
     return state_dtype_name(state_dtype, STATE_DTYPES, who="AdamMini")
 
 
-class AdamMini(Optimizer):
+class AdamMini(BaseOptimizer):
     r"""Adam-mini (arXiv 2406.16793): AdamW with one second moment per block of parameters.
 
     Each param group carries its block rule, ``block`` (``"elementwise"``, ``"head"`` with
@@ -161,21 +162,19 @@ class AdamMini(Optimizer):
     the state dict holds tensors and ints only.
     """
 
+    group_label = "AdamMini"
+
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, block: str | None = None,
                  num_heads: int | None = None, state_dtype: torch.dtype | str | None = None):
-        _check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, where="AdamMini")
+        check_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), "AdamMini",
+                              wording="adam_mini")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block=block,
                         num_heads=num_heads, state_dtype=_state_dtype_name(state_dtype))
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        index = len(self.param_groups) - 1
-        where = f"AdamMini param group {group['name']!r}" if "name" in group else f"AdamMini param_groups[{index}]"
-        _check_hyperparameters(lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                               weight_decay=group["weight_decay"], where=where)
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        check_hyperparameters(group, where, wording="adam_mini")
         group["betas"] = tuple(group["betas"])
         group["state_dtype"] = _state_dtype_name(group["state_dtype"])
         block, heads = group["block"], group["num_heads"]
@@ -204,22 +203,14 @@ class AdamMini(Optimizer):
         state["exp_avg_sq"] = sharded.zeros_like_layout(param, v_shape, rows_sharded=block in ("elementwise", "row"),
                                                         dtype=dtype, device=grad.device)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step. `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step_parameters(self) -> None:
         local = sharded.local
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for param in group["params"]:
-                grad = quant.gradient(param)  # .grad, or float_grad of an int8 weight
+                grad = self._gradient(param)  # .grad, or float_grad of an int8 weight
                 if grad is None:
                     continue
-                if grad.is_sparse:
-                    raise RuntimeError("AdamMini does not support sparse gradients")
                 state = self.state[param]
                 if not state:
                     self._init_state(param, grad, group, state)
@@ -231,32 +222,6 @@ class AdamMini(Optimizer):
                         beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                         shard=sharded.row_shard(param),
                     )
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset ``.grad`` as torch does, and drop ``float_grad`` of int8 weights."""
-        super().zero_grad(set_to_none)
-        quant.clear_float_grads(p for group in self.param_groups for p in group["params"])
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; floating state keeps the dtype it was saved in (torch would cast float32
-        moments of a bf16 weight to bf16)."""
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)
-
-
-def _check_hyperparameters(*, lr, betas, eps, weight_decay, where: str) -> None:
-    if not lr >= 0.0:
-        raise ValueError(f"{where}: invalid learning rate {lr} (must be >= 0)")
-    if len(betas) != 2:
-        raise ValueError(f"{where}: betas must be two numbers (beta1, beta2), got {betas!r}")
-    for index, beta in enumerate(betas, start=1):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{where}: invalid beta{index} {beta} (must be in [0, 1))")
-    if not eps >= 0.0:
-        raise ValueError(f"{where}: invalid eps {eps} (must be >= 0)")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"{where}: invalid weight_decay {weight_decay} (must be >= 0)")
 
 
 # ------------------------------------------------------------------------------------ the routing
@@ -278,7 +243,7 @@ def partition(model: nn.Module, weight_decay: float = 0.0) -> list[dict[str, Any
     - ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj`` weights -> one v per output row;
     - anything else -> one v per tensor; no decay for the parameters of normalisation layers.
 
-    Coverage is asserted and the counts per block kind are logged.
+    Coverage is checked (`routing.check_coverage`); the counts per group and per block kind are logged.
     """
     config = getattr(model, "config", None)
     embeddings = set()
@@ -292,14 +257,14 @@ def partition(model: nn.Module, weight_decay: float = 0.0) -> list[dict[str, Any
     if not embeddings:
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
-    groups: dict[tuple, dict[str, Any]] = {}
+    by_key: dict[tuple, dict[str, Any]] = {}
     seen: set[int] = set()
     blocks = {kind: [0, 0] for kind in BLOCKS}  # tensors, blocks
     no_decay = 0
     for module_name, module in model.named_modules():
         role = module_name.rpartition(".")[2]
         for param_name, param in module.named_parameters(recurse=False):
-            if id(param) in seen or not (param.requires_grad or quant.is_quantized(param)):
+            if id(param) in seen or not trainable(param):
                 continue
             seen.add(id(param))
             name = f"{module_name}.{param_name}" if module_name else param_name
@@ -318,17 +283,17 @@ def partition(model: nn.Module, weight_decay: float = 0.0) -> list[dict[str, Any
                 key, block, decay = "norms", "tensor", 0.0
             else:
                 key, block = "tensors", "tensor"
-            group = groups.setdefault((key, heads), {"params": [], "name": key, "block": block, "num_heads": heads,
+            group = by_key.setdefault((key, heads), {"params": [], "name": key, "block": block, "num_heads": heads,
                                                      "weight_decay": decay})
             group["params"].append(param)
             blocks[block][0] += 1
             blocks[block][1] += math.prod(block_state_shape(tuple(param.shape), block=block, num_heads=heads))
             no_decay += key in ("biases", "norms")
-    trainable = sum(1 for p in model.parameters() if p.requires_grad or quant.is_quantized(p))
-    assert len(seen) == trainable, f"adam_mini.partition covered {len(seen)} of {trainable} trainable parameters"
+    groups = list(by_key.values())
+    check_coverage(model, groups, "adam_mini.partition", log=logger)
     logger.info("adam_mini.partition: %s; %d tensors (norms, biases) without weight decay", ", ".join(
         f"{kind} {tensors} tensors ({count} blocks)" for kind, (tensors, count) in blocks.items()), no_decay)
-    return list(groups.values())
+    return groups
 
 
 def _heads(config, role: str, name: str, shape: tuple[int, ...]) -> int:

@@ -40,6 +40,8 @@ from torch import nn
 
 from .spec import OptimizerSpec
 from . import quant, sharded
+from .base import CheckedGroups, check_hyperparameters
+from .routing import check_coverage, trainable
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def optimizer_class() -> type[torch.optim.Optimizer]:
     """
     bnb = _bitsandbytes()
 
-    class AdamW8bit(bnb.optim.AdamW8bit):
+    class AdamW8bit(CheckedGroups, bnb.optim.AdamW8bit):
         """bitsandbytes' AdamW8bit (see `apollo.adamw8bit`'s docstring for the math and the state).
 
         Differences from ``bnb.optim.AdamW8bit``: ``weight_decay`` defaults to 0.0 (bitsandbytes: 0.01);
@@ -77,20 +79,21 @@ def optimizer_class() -> type[torch.optim.Optimizer]:
         def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                      weight_decay: float = 0.0, min_8bit_size: int = 4096):
             self._min_8bit_size = min_8bit_size  # read by add_param_group, which torch calls from __init__
-            _check_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size),
-                         "adamw8bit")
+            _check_settings(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size),
+                            "adamw8bit")
             super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                              min_8bit_size=min_8bit_size)
             self.defaults["min_8bit_size"] = min_8bit_size
 
+        group_label = "adamw8bit"
+
         def add_param_group(self, param_group: dict[str, Any]) -> None:
             param_group.setdefault("min_8bit_size", self._min_8bit_size)
-            super().add_param_group(param_group)
-            group = self.param_groups[-1]
-            index = len(self.param_groups) - 1
+            super().add_param_group(param_group)  # checked by _check_group
+
+        def _check_group(self, group: dict[str, Any], name: str) -> None:
             group["betas"] = tuple(group["betas"])
-            _check_group(group, f"adamw8bit param group {group['name']!r}" if "name" in group
-                         else f"adamw8bit param_groups[{index}]")
+            _check_settings(group, name)
             for param in group["params"]:
                 if sharded.is_dtensor(param):
                     raise ValueError("--fsdp is not supported for adamw8bit: bitsandbytes' blockwise 8-bit states "
@@ -107,17 +110,9 @@ def optimizer_class() -> type[torch.optim.Optimizer]:
     return AdamW8bit
 
 
-def _check_group(group: dict[str, Any], name: str) -> None:
+def _check_settings(group: dict[str, Any], name: str) -> None:
     """One-line ValueErrors for bad settings (bitsandbytes' own checks say less)."""
-    if not group["lr"] >= 0.0:
-        raise ValueError(f"{name}: lr must be >= 0, got {group['lr']!r}")
-    betas = tuple(group["betas"])
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas!r}")
-    if not group["eps"] >= 0.0:
-        raise ValueError(f"{name}: eps must be >= 0, got {group['eps']!r}")
-    if not group["weight_decay"] >= 0.0:
-        raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']!r}")
+    check_hyperparameters(group, name)
     size = group["min_8bit_size"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValueError(f"{name}: min_8bit_size must be an integer >= 0, got {size!r}")
@@ -149,14 +144,16 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     if state_dtype not in (None, "float32", torch.float32):
         raise ValueError(f"adamw8bit keeps uint8 codes with float32 scales (float32 below min_8bit_size); "
                          f"state_dtype must be None or float32, got {state_dtype!r}")
-    params = [p for p in model.parameters() if p.requires_grad or quant.is_quantized(p)]
+    params = [p for p in model.parameters() if trainable(p)]
     size = options.get("min_8bit_size", 4096)
     eight_bit = [p for p in params if p.numel() >= size]
-    logger.info("adamw8bit param groups: %d tensors with 8-bit states (%.2fM values), %d with float32 states "
+    groups = [{"params": params, "name": "all"}]
+    check_coverage(model, groups, "adamw8bit param groups", log=logger)
+    logger.info("adamw8bit: %d tensors with 8-bit states (%.2fM values), %d with float32 states "
                 "(%.2fM values, fewer than min_8bit_size=%d numbers)", len(eight_bit),
                 sum(p.numel() for p in eight_bit) / 1e6, len(params) - len(eight_bit),
                 sum(p.numel() for p in params if p.numel() < size) / 1e6, size)
-    return optimizer_class()([{"params": params, "name": "all"}], lr=lr, weight_decay=weight_decay, **options)
+    return optimizer_class()(groups, lr=lr, weight_decay=weight_decay, **options)
 
 
 SPEC = OptimizerSpec(

@@ -45,7 +45,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .factory import PRESETS
+from .factory import PRESETS, _default_rank
 from .optimizer import APOLLO, GaLore
 from . import routing
 from .quant import is_quantized
@@ -127,13 +127,6 @@ def _class_options(optimizer_class: type) -> tuple[set[str], set[str]]:
     """(optimizer keyword options, low-rank group keys) of APOLLO or GaLore."""
     signature = set(inspect.signature(optimizer_class.__init__).parameters) - {"self", "params", "lr", "weight_decay"}
     return signature, {"rank", *optimizer_class.lowrank_defaults}
-
-
-def _default_rank(model: nn.Module) -> int:
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if hidden is None:
-        raise ValueError("rank is required: the model has no config.hidden_size to take a quarter of")
-    return max(1, hidden // 4)
 
 
 def build(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0, *,

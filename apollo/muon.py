@@ -22,6 +22,8 @@ from torch.optim import Optimizer
 
 from .spec import OptimizerSpec
 from . import quant, sharded
+from .base import BaseOptimizer, check_hyperparameters
+from .routing import check_coverage, trainable
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def _torch_muon():
     return Muon, _zeropower_via_newtonschulz, _adjust_lr
 
 
-class MuonAdamW(Optimizer):
+class MuonAdamW(BaseOptimizer):
     r"""torch.optim.Muon over the ``kind="muon"`` groups, torch.optim.AdamW over the ``kind="adamw"`` groups.
 
     Muon (torch's definition; :math:`G` the gradient of an m x n weight :math:`W`, :math:`\mu` momentum,
@@ -97,6 +99,9 @@ class MuonAdamW(Optimizer):
     it holds (norms included), as the harness's AdamW does.
     """
 
+    #: torch's load: the states follow the weights' dtype anyway, and AdamW's step counter stays where torch puts it
+    keep_saved_dtypes = False
+
     def __init__(
         self,
         params: Iterable,
@@ -130,26 +135,29 @@ class MuonAdamW(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a ``kind="muon"`` or ``kind="adamw"`` group to this optimizer and to the inner one of its kind."""
         kind = param_group.get("kind")
-        name = f"param group {param_group['name']!r}" if "name" in param_group else f"param_groups[{len(self.param_groups)}]"
         if kind not in KINDS:
+            name = self._group_name(param_group, len(self.param_groups))
             raise ValueError(f"MuonAdamW: {name} needs kind='muon' or kind='adamw', got {kind!r}")
         for key, value in self._kind_defaults[kind].items():
             param_group.setdefault(key, value)
-        _validate_group(param_group, kind, name)
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # checked by _check_group
         group = self.param_groups[-1]  # the same dict
-        if kind == "muon":
-            for param in group["params"]:
-                if param.dim() != 2:
-                    raise ValueError(f"MuonAdamW: {name} (Muon) takes 2-D weights only, got shape {tuple(param.shape)}")
-                if param.dtype == torch.bfloat16 and not group["nesterov"]:
-                    raise ValueError(f"MuonAdamW: {name}: torch.optim.Muon with nesterov=False divides the momentum "
-                                     "buffer of a bfloat16 weight by its norm in place (torch bug); use nesterov=True")
         inner = self._inner.get(kind)
         if inner is None:
             self._inner[kind] = self._new_inner(kind, group)
         else:
             inner.add_param_group(group)
+
+    def _check_group(self, group: dict[str, Any], name: str) -> None:
+        _validate_group(group, group["kind"], name)
+        if group["kind"] != "muon":
+            return
+        for param in group["params"]:
+            if param.dim() != 2:
+                raise ValueError(f"MuonAdamW: {name} (Muon) takes 2-D weights only, got shape {tuple(param.shape)}")
+            if param.dtype == torch.bfloat16 and not group["nesterov"]:
+                raise ValueError(f"MuonAdamW: {name}: torch.optim.Muon with nesterov=False divides the momentum "
+                                 "buffer of a bfloat16 weight by its norm in place (torch bug); use nesterov=True")
 
     def _new_inner(self, kind: str, group: dict[str, Any]) -> Optimizer:
         """torch's optimizer of `kind` over `group` itself (not a copy), sharing this optimizer's state."""
@@ -187,13 +195,8 @@ class MuonAdamW(Optimizer):
             self._rewire()
 
     # ------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _step_parameters(self) -> None:
         """One update: torch's Muon step (ours for sharded weights), then torch's AdamW step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         muon = self._inner.get("muon")
         if muon is not None:
             if any(sharded.is_dtensor(p) for group in muon.param_groups for p in group["params"]):
@@ -203,7 +206,6 @@ class MuonAdamW(Optimizer):
         adamw = self._inner.get("adamw")
         if adamw is not None:
             adamw.step()
-        return loss
 
     def _sharded_muon_step(self, groups: list[dict[str, Any]]) -> None:
         for group in groups:
@@ -223,26 +225,23 @@ class MuonAdamW(Optimizer):
 
 def _validate_group(group: dict[str, Any], kind: str, name: str) -> None:
     """Precise ValueErrors for the hyper-parameters of a Muon or AdamW group."""
+    where = f"MuonAdamW: {name}"
+    if kind == "adamw":
+        check_hyperparameters(group, where, keys=("lr", "weight_decay", "betas", "eps"))
+        return
+    check_hyperparameters(group, where, keys=("lr", "weight_decay"))
+
     def check(ok: bool, key: str, rule: str) -> None:
         if not ok:
-            raise ValueError(f"MuonAdamW: {name}: {key} must be {rule}, got {group[key]!r}")
+            raise ValueError(f"{where}: {key} must be {rule}, got {group[key]!r}")
 
-    lr = group["lr"]
-    check(isinstance(lr, torch.Tensor) and lr.numel() == 1 or isinstance(lr, (int, float)) and lr >= 0, "lr", ">= 0")
-    check(isinstance(group["weight_decay"], (int, float)) and group["weight_decay"] >= 0, "weight_decay", ">= 0")
-    if kind == "muon":
-        check(isinstance(group["momentum"], (int, float)) and 0 <= group["momentum"] < 1, "momentum", "in [0, 1)")
-        check(isinstance(group["nesterov"], bool), "nesterov", "True or False")
-        check(isinstance(group["ns_steps"], int) and not isinstance(group["ns_steps"], bool)
-              and 1 <= group["ns_steps"] < 100, "ns_steps", "an integer in [1, 100)")
-        check(group["adjust_lr_fn"] in ADJUST_LR_FNS, "adjust_lr_fn", "None, 'original' or 'match_rms_adamw'")
-        check(len(tuple(group["ns_coefficients"])) == 3, "ns_coefficients", "three numbers (a, b, c)")
-        check(isinstance(group["eps"], (int, float)) and group["eps"] > 0, "eps", "> 0 (Newton-Schulz)")
-    else:
-        betas = tuple(group["betas"])
-        check(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
-              "betas", "two numbers in [0, 1)")
-        check(isinstance(group["eps"], (int, float)) and group["eps"] >= 0, "eps", ">= 0")
+    check(isinstance(group["momentum"], (int, float)) and 0 <= group["momentum"] < 1, "momentum", "in [0, 1)")
+    check(isinstance(group["nesterov"], bool), "nesterov", "True or False")
+    check(isinstance(group["ns_steps"], int) and not isinstance(group["ns_steps"], bool)
+          and 1 <= group["ns_steps"] < 100, "ns_steps", "an integer in [1, 100)")
+    check(group["adjust_lr_fn"] in ADJUST_LR_FNS, "adjust_lr_fn", "None, 'original' or 'match_rms_adamw'")
+    check(len(tuple(group["ns_coefficients"])) == 3, "ns_coefficients", "three numbers (a, b, c)")
+    check(isinstance(group["eps"], (int, float)) and group["eps"] > 0, "eps", "> 0 (Newton-Schulz)")
 
 
 def sharded_muon_update(
@@ -300,14 +299,12 @@ def param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     for layer in layers:
         for module in layer.modules():
             weight = getattr(module, "weight", None)
-            if (isinstance(module, nn.Linear) and weight.requires_grad and weight.dim() == 2
+            if (isinstance(module, nn.Linear) and trainable(weight) and weight.dim() == 2
                     and id(weight) not in excluded and id(weight) not in muon_ids):
                 muon_ids.add(id(weight))
                 muon.append(weight)
-    adamw = [p for p in model.parameters() if p.requires_grad and id(p) not in muon_ids]
-    trainable = sum(1 for p in model.parameters() if p.requires_grad)
-    assert len(muon) + len(adamw) == trainable, f"muon routing covered {len(muon) + len(adamw)} of {trainable} parameters"
-    assert not excluded & muon_ids, "an embedding or the output head reached Muon"
+    adamw = [p for p in model.parameters() if trainable(p) and id(p) not in muon_ids]
+    check_coverage(model, [{"params": muon}, {"params": adamw}], "muon param_groups", log=None)  # logged below
     logger.info("muon param_groups: %d Muon matrices (%.2fM values), %d AdamW tensors (%.2fM values)",
                 len(muon), sum(p.numel() for p in muon) / 1e6, len(adamw), sum(p.numel() for p in adamw) / 1e6)
     return muon, adamw

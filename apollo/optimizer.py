@@ -34,7 +34,6 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-from torch.optim import Optimizer
 
 from . import functional as F
 from . import fused as FF
@@ -42,7 +41,8 @@ from . import quant
 from . import sharded
 from .projection import (PROJ_TYPES, RIGHT, advance_seed, projected_shape, projection_shape, projection_side,
                          random_projection, svd_projection)
-from .state_dtypes import STATE_DTYPES as ALL_STATE_DTYPES, restore_saved_dtypes, state_dtype_name
+from .base import BaseOptimizer, check_hyperparameters
+from .state_dtypes import STATE_DTYPES as ALL_STATE_DTYPES, state_dtype_name
 
 PROJ_KINDS = ("random", "svd")
 SCALE_TYPES = ("channel", "tensor")
@@ -54,8 +54,9 @@ def _state_dtype_name(state_dtype: torch.dtype | str | None) -> str | None:
     return state_dtype_name(state_dtype, STATE_DTYPES)
 
 
-class _LowRankAdam(Optimizer):
-    """Shared bookkeeping for APOLLO and GaLore: hyperparameter checks, regular AdamW groups, state, seeds."""
+class _LowRankAdam(BaseOptimizer):
+    """Shared bookkeeping for APOLLO, GaLore and Fira: low-rank group checks, regular AdamW groups, state, seeds
+    (hyper-parameter checks, closure, int8 zero_grad and dtype-keeping load: `base.BaseOptimizer`)."""
 
     #: Values a low-rank group takes for keys it does not set. Subclasses extend this.
     lowrank_defaults: dict[str, Any] = {"proj_type": "std", "update_proj_gap": 200}
@@ -72,16 +73,7 @@ class _LowRankAdam(Optimizer):
         store_projection: bool = False,
         fused: bool = True,
     ):
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta1: {betas[0]} (must be in [0, 1))")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta2: {betas[1]} (must be in [0, 1))")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid eps: {eps} (must be >= 0)")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        check_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), wording="torch")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -95,21 +87,13 @@ class _LowRankAdam(Optimizer):
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        index = len(self.param_groups) - 1
-        if not group["lr"] >= 0.0:
-            raise ValueError(f"{self._group_name(group, index)}: lr must be >= 0, got {group['lr']}")
+    def _check_group(self, group: dict[str, Any], name: str) -> None:
+        check_hyperparameters(group, name, keys=("lr",))
         group["state_dtype"] = _state_dtype_name(group["state_dtype"])
         if group.get("rank") is not None:
             for key, value in self.lowrank_defaults.items():
                 group.setdefault(key, value)
-            self._validate_lowrank_group(group, self._group_name(group, index))
-
-    @staticmethod
-    def _group_name(group: dict[str, Any], index: int) -> str:
-        return f"param group {group['name']!r}" if "name" in group else f"param_groups[{index}]"
+            self._validate_lowrank_group(group, name)
 
     def _validate_lowrank_group(self, group: dict[str, Any], name: str) -> None:
         rank = group["rank"]
@@ -189,32 +173,15 @@ class _LowRankAdam(Optimizer):
             state["projection"] = proj
         return proj
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; floating state tensors keep the dtype they were saved in.
-
-        torch casts every floating state tensor to its parameter's dtype on load, which would round
-        float32 moments of a bfloat16 weight (``state_dtype="float32"``) and the float32 limiter norm.
-        """
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)
-
     # ------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step. `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step_parameters(self) -> None:
         for group in self.param_groups:
             low_rank = group.get("rank") is not None
             batch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, grad) pairs for the fused path
             for param in group["params"]:
-                grad = quant.gradient(param)  # .grad, or float_grad of an int8 weight
+                grad = self._gradient(param)  # .grad, or float_grad of an int8 weight
                 if grad is None:
                     continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 if self._takes_fused_path(param, grad, group, low_rank):
                     batch.append((param, grad))
                     continue
@@ -231,7 +198,6 @@ class _LowRankAdam(Optimizer):
                 self._step_low_rank_fused(batch, group)
             elif batch:
                 self._step_regular_fused(batch, group)
-        return loss
 
     def _takes_fused_path(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], low_rank: bool) -> bool:
         """Fused unless turned off, for float weights off the meta device; torch's fused AdamW kernel also
@@ -239,11 +205,6 @@ class _LowRankAdam(Optimizer):
         if not self.fused or param.device.type == "meta" or quant.is_quantized(param):
             return False
         return low_rank or self._state_dtype(group, grad) == param.dtype
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset ``.grad`` as torch does, and drop ``float_grad`` of int8 weights."""
-        super().zero_grad(set_to_none)
-        quant.clear_float_grads(p for group in self.param_groups for p in group["params"])
 
     # In the two updates below, `param` keys the state and the projection seed, `weight` is the tensor
     # updated in place (`param` itself, or the float32 copy of an int8 weight), and the state and P

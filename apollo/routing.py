@@ -120,9 +120,11 @@ def target_weights(model: nn.Module, target_modules: TargetSpec = DEFAULT_TARGET
     return [params[name] for name in select_targets(model, target_modules)]
 
 
-def check_coverage(model: nn.Module, groups: Iterable[dict[str, Any]], who: str) -> None:
+def check_coverage(model: nn.Module, groups: Iterable[dict[str, Any]], who: str, *,
+                   log: logging.Logger | None = logger) -> None:
     """Raise unless every trainable parameter of `model` is in exactly one of `groups` (and nothing else is);
-    log the tensor and value counts of each group (by its "name", else its index)."""
+    log the tensor and value counts of each group (by its "name", else its index) on `log` (the caller's
+    module logger, so that its level applies; None: the caller logs its own line)."""
     groups = list(groups)
     expected = {id(p): p for p in model.parameters() if trainable(p)}
     seen: set[int] = set()
@@ -138,7 +140,9 @@ def check_coverage(model: nn.Module, groups: Iterable[dict[str, Any]], who: str)
     if missing:
         raise RuntimeError(f"{who}: {len(missing)} of {len(expected)} trainable parameters landed in no group "
                            f"(first shape {tuple(missing[0].shape)})")
+    if log is None:
+        return
     counts = ", ".join(f"{group.get('name', index)} {len(group['params'])} tensors "
                        f"({sum(p.numel() for p in group['params']) / 1e6:.2f}M values)"
                        for index, group in enumerate(groups))
-    logger.info("%s: %s", who, counts)
+    log.info("%s: %s", who, counts)

@@ -11,11 +11,11 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
 from .spec import OptimizerSpec
 from . import quant, sharded
-from .state_dtypes import restore_saved_dtypes
+from .base import BaseOptimizer, check_hyperparameters
+from .routing import check_coverage, trainable
 from .optimizer import STATE_DTYPES, _state_dtype_name
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def adamw_update(weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 # ------------------------------------------------------------------------------------- the optimizer
 
 
-class SCALE(Optimizer):
+class SCALE(BaseOptimizer):
     r"""SCALE (arXiv 2506.16659): column-normalised SGD, momentum on the last layer only, AdamW for the norms.
 
     Each param group has a ``rule``:
@@ -133,6 +133,8 @@ class SCALE(Optimizer):
     group (not by parameter names), weight decay (0 in the published runs) is applied in every group.
     """
 
+    group_label = "SCALE"
+
     def __init__(
         self,
         params: Iterable,
@@ -152,32 +154,12 @@ class SCALE(Optimizer):
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- groups
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        name = f"SCALE param group {group['name']!r}" if "name" in group else \
-            f"SCALE param_groups[{len(self.param_groups) - 1}]"
-        try:
-            self._validate(group, name)
-        except ValueError:
-            self.param_groups.pop()
-            raise
-
-    @staticmethod
-    def _validate(group: dict[str, Any], name: str) -> None:
-        if not group["lr"] >= 0.0:
-            raise ValueError(f"{name}: lr must be >= 0, got {group['lr']!r}")
-        if not group["weight_decay"] >= 0.0:
-            raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']!r}")
+    def _check_group(self, group: dict[str, Any], name: str) -> None:
+        check_hyperparameters(group, name)
+        group["betas"] = tuple(group["betas"])
         if group["rule"] not in RULES:
             raise ValueError(f"{name}: rule must be one of {RULES}, got {group['rule']!r}")
         group["state_dtype"] = _state_dtype_name(group["state_dtype"])
-        betas = tuple(group["betas"])
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {group['betas']!r}")
-        group["betas"] = betas
-        if not group["eps"] >= 0.0:
-            raise ValueError(f"{name}: eps must be >= 0, got {group['eps']!r}")
         if isinstance(group["norm_dim"], bool) or group["norm_dim"] not in (0, 1):
             raise ValueError(f"{name}: norm_dim must be 0 (per column, over rows) or 1 (per row, over columns), "
                              f"got {group['norm_dim']!r}")
@@ -199,33 +181,14 @@ class SCALE(Optimizer):
         return sharded.zeros_like_layout(param, tuple(param.shape), rows_sharded=True, dtype=dtype,
                                          device=sharded.local(grad).device)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; floating state tensors keep the dtype they were saved in (torch would cast
-        float32 states of a bfloat16 weight to bfloat16)."""
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset ``.grad`` as torch does, and drop ``float_grad`` of int8 weights."""
-        super().zero_grad(set_to_none)
-        quant.clear_float_grads(p for group in self.param_groups for p in group["params"])
-
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step. `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step_parameters(self) -> None:
         for group in self.param_groups:
             rule = group["rule"]
             for param in group["params"]:
-                grad = quant.gradient(param)  # .grad, or float_grad of an int8 weight
+                grad = self._gradient(param)  # .grad, or float_grad of an int8 weight
                 if grad is None:
                     continue
-                if grad.is_sparse:
-                    raise RuntimeError("SCALE does not support sparse gradients")
                 shard = sharded.row_shard(param)
                 local_grad = sharded.local(grad)
                 with quant.float_weight(param) as weight:  # the float32 copy of an int8 weight is re-quantised
@@ -252,7 +215,6 @@ class SCALE(Optimizer):
                     adamw_update(weight, local_grad, sharded.local(state["exp_avg"]),
                                  sharded.local(state["exp_avg_sq"]), step=state["step"], lr=group["lr"],
                                  beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-        return loss
 
 
 # ------------------------------------------------------------------------------------------ routing
@@ -261,10 +223,6 @@ class SCALE(Optimizer):
 DEFAULTS: dict[str, Any] = {"adam_lr": 0.02, "momentum": 0.9, "norm": "rms", "betas": (0.9, 0.999), "eps": 1e-8,
                             "state_dtype": None}
 OPTIONS: frozenset[str] = frozenset(DEFAULTS)
-
-
-def _trainable(param: torch.Tensor) -> bool:
-    return param.requires_grad or quant.is_quantized(param)
 
 
 def _module_or_none(model: nn.Module, getter: str) -> nn.Module | None:
@@ -304,7 +262,7 @@ def param_groups(model: nn.Module, lr: float, *, adam_lr: float, momentum: float
     seen: set[int] = set()
 
     def place(route: str, param: torch.Tensor | None) -> None:
-        if param is not None and _trainable(param) and id(param) not in seen:
+        if param is not None and trainable(param) and id(param) not in seen:
             seen.add(id(param))
             routes[route].append(param)
 
@@ -321,20 +279,16 @@ def param_groups(model: nn.Module, lr: float, *, adam_lr: float, momentum: float
                 place("hidden", weight)
     for param in model.parameters():
         place("adamw", param)
-    covered = sum(len(params) for params in routes.values())
-    trainable = len({id(p) for p in model.parameters() if _trainable(p)})
-    assert covered == trainable, f"SCALE routing covered {covered} of {trainable} trainable parameters"
-    logger.info("SCALE param_groups (tied embeddings: %s): %s", tied, ", ".join(
-        f"{route} {len(params)} tensors ({sum(p.numel() for p in params) / 1e6:.2f}M values)"
-        for route, params in routes.items()))
     settings = {
         "embedding": {"rule": "column_norm", "norm_dim": 0, "lr": lr},
         "lm_head": {"rule": "momentum_column_norm", "norm_dim": 1, "lr": lr, "momentum": momentum},
         "hidden": {"rule": "column_norm", "norm_dim": 1, "lr": lr},
         "adamw": {"rule": "adamw", "lr": adam_lr},
     }
-    return [{"params": params, "name": route, "norm": norm, **settings[route]}
-            for route, params in routes.items() if params]
+    groups = [{"params": params, "name": route, "norm": norm, **settings[route]}
+              for route, params in routes.items() if params]
+    check_coverage(model, groups, f"SCALE param_groups (tied embeddings: {tied})", log=logger)
+    return groups
 
 
 def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any) -> SCALE:

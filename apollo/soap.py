@@ -11,12 +11,13 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
 from .spec import OptimizerSpec
 from . import functional as F
 from . import quant, sharded
-from .state_dtypes import STATE_DTYPES as ALL_STATE_DTYPES, restore_saved_dtypes, state_dtype_name
+from .base import BaseOptimizer, check_hyperparameters
+from .routing import check_coverage, trainable
+from .state_dtypes import STATE_DTYPES as ALL_STATE_DTYPES, state_dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def soap_matrix_step(
 
 
 # ------------------------------------------------------------------------------------ the optimizer
-class SOAP(Optimizer):
+class SOAP(BaseOptimizer):
     r"""SOAP (arXiv 2409.11321): Adam run in the eigenbasis of Shampoo's two-sided preconditioner.
 
     For a 2-D weight :math:`W \in \mathbb{R}^{m\times n}` with gradient :math:`G`. A side longer than
@@ -227,6 +228,8 @@ class SOAP(Optimizer):
     different bases there, and the runs then differ by more than rounding (the same holds for R, n > m).
     """
 
+    group_label = "SOAP"
+
     def __init__(
         self,
         params: Iterable,
@@ -246,11 +249,7 @@ class SOAP(Optimizer):
         super().__init__(params, defaults)
 
     # --------------------------------------------------------------------------------- groups
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        index = len(self.param_groups) - 1
-        name = f"SOAP param group {group['name']!r}" if "name" in group else f"SOAP param_groups[{index}]"
+    def _check_group(self, group: dict[str, Any], name: str) -> None:
         group["betas"] = tuple(group["betas"])
         group["state_dtype"] = _state_dtype_name(group["state_dtype"])
         _validate_group(group, name)
@@ -302,27 +301,14 @@ class SOAP(Optimizer):
             self._linalg_failure_reported = True
             logger.warning("SOAP: %s failed in float32 and float64; that side keeps %s (said once)", what, kept)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; floating state tensors keep the dtype they were saved in (torch would cast
-        them to the parameter's dtype, rounding float32 state of a bf16 weight)."""
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)
-
     # ----------------------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _step_parameters(self) -> None:
         """One SOAP step for every parameter with a gradient (see the class docstring for the order)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         for group in self.param_groups:
             for param in group["params"]:
-                grad = param.grad
+                grad = self._gradient(param)  # int8 weights are refused: this is param.grad
                 if grad is None:
                     continue
-                if grad.is_sparse:
-                    raise RuntimeError("SOAP does not support sparse gradients")
                 state = self.state[param]
                 if not state:
                     self._init_state(param, grad, group)
@@ -336,7 +322,6 @@ class SOAP(Optimizer):
                     F.adamw_update(param, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"] - 1,
                                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                    weight_decay=group["weight_decay"])
-        return loss
 
     def _step_matrix(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state_dtype, work = self._dtypes(group, param)
@@ -367,15 +352,7 @@ def _shampoo_beta(group: dict[str, Any]) -> float:
 
 def _validate_group(group: dict[str, Any], name: str) -> None:
     """ValueError (one line naming the key) for any bad hyper-parameter of a SOAP param group."""
-    if not group["lr"] >= 0.0:
-        raise ValueError(f"{name}: lr must be >= 0, got {group['lr']!r}")
-    betas = group["betas"]
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas!r}")
-    if not group["eps"] >= 0.0:
-        raise ValueError(f"{name}: eps must be >= 0, got {group['eps']!r}")
-    if not group["weight_decay"] >= 0.0:
-        raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']!r}")
+    check_hyperparameters(group, name)
     beta_s = group["shampoo_beta"]
     if beta_s is not None and not 0.0 <= beta_s < 1.0:
         raise ValueError(f"{name}: shampoo_beta must be None (use beta2) or in [0, 1), got {beta_s!r}")
@@ -400,20 +377,16 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
         raise ValueError(f"optimizer 'soap' does not take option(s) {', '.join(unknown)}")
-    trainable = [p for p in model.parameters() if p.requires_grad or quant.is_quantized(p)]
-    matrices = [p for p in trainable if p.dim() == 2]
-    others = [p for p in trainable if p.dim() != 2]
-    assert len(matrices) + len(others) == len(trainable), "soap.build: a parameter landed in no group"
+    params = [p for p in model.parameters() if trainable(p)]
+    matrices = [p for p in params if p.dim() == 2]
+    groups = [{"params": matrices, "name": "rotated"}, {"params": [p for p in params if p.dim() != 2], "name": "adam"}]
+    groups = [group for group in groups if group["params"]]
+    check_coverage(model, groups, "soap param groups", log=logger)
     max_dim = options.get("max_precond_dim", 10000)
     sides = [SOAP.rotated_sides(p.shape, max_dim) for p in matrices]
-    logger.info(
-        "soap param groups: %d rotated matrices (%.2fM values; %d with one side over max_precond_dim=%d, "
-        "%d with both), %d Adam tensors (%.2fM values)",
-        len(matrices), sum(p.numel() for p in matrices) / 1e6, sum(1 for s in sides if sum(s) == 1), max_dim,
-        sum(1 for s in sides if sum(s) == 0), len(others), sum(p.numel() for p in others) / 1e6,
-    )
-    groups = [{"params": matrices, "name": "rotated"}, {"params": others, "name": "adam"}]
-    return SOAP([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, **options)
+    logger.info("soap: %d rotated matrices with one side over max_precond_dim=%d, %d with both",
+                sum(1 for s in sides if sum(s) == 1), max_dim, sum(1 for s in sides if sum(s) == 0))
+    return SOAP(groups, lr=lr, weight_decay=weight_decay, **options)
 
 
 SPEC = OptimizerSpec(
