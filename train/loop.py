@@ -35,7 +35,7 @@ from train.data import build_train_loader
 from train.distributed import (Distributed, StopSignal, all_gather_floats, all_reduce_sum, shard_model, unwrap,
                                wrap_model)
 from train.evaluate import evaluate
-from train.logging import MetricsLogger
+from train.metrics import MetricsLogger
 from train.model import build_model, parameter_counts
 from train.schedule import lr_multiplier
 

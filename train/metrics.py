@@ -4,7 +4,7 @@ Every record goes to both sinks with the same keys: `<run dir>/metrics.jsonl` ge
 line with "step" added, wandb gets `run.log(metrics, step=step)`. When wandb is disabled a stand-in
 with the same methods takes its place, so the training loop never asks whether wandb is on; wandb is
 imported only when it is used. On other ranks the logger does nothing at all.
-(Inside the `train` package `import logging` still means the standard library: imports are absolute.)
+(Named metrics.py, not logging.py: a module named logging beside a script shadows the standard library.)
 """
 from __future__ import annotations
 
