@@ -122,3 +122,19 @@ def test_compile_refuses_modes_it_does_not_trace(tmp_path, c4_dir, tokenizer_dir
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.strip() == f"error: --compile does not combine with --{flag}; drop one of them"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [{"fsdp": True, "activation_checkpointing": True}, {}], ids=["fsdp+checkpointing", "ddp"])
+def test_compiled_two_rank_run_equals_eager(tmp_path, c4_dir, tokenizer_dir, mode):
+    """2 gloo ranks (FSDP2 with activation checkpointing, or DDP): compiled losses equal eager's within round-off."""
+    from tests.train.test_cli import run_train
+
+    losses = {}
+    for name, flags in (("eager", {}), ("compiled", {"compile": True})):
+        argv = tiny_args(tmp_path, c4_dir, tokenizer_dir, tmp_path / name, num_training_steps=3, save_every=3,
+                         eval_every=3, **mode, **flags)
+        run_train(argv, nproc=2, timeout=900)
+        losses[name] = [r["loss"] for r in train_records(tmp_path / name)]
+    assert len(losses["compiled"]) == 3
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5, abs=0)
