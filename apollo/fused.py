@@ -108,8 +108,8 @@ def fused_adamw(
 #: multi-tensor ops, seven passes over the moments, bit-identical to the plain path) or "compiled"
 #: (`torch.compile` of the per-tensor update: one generated kernel reading R, M, V and writing M, V and
 #: the direction; equal to the plain path up to float round-off, the compiler contracts mul-adds).
-#: Measured at LLaMA-130M on the 2-core CPU (benchmarks/optimizer_step_compiled.py): see docs/performance.md;
-#: the default keeps whichever was faster there, and foreach where nothing was measured.
+#: Timed side by side by `benchmarks/optimizer_step.py --compiled_elementwise` ("[compiled]" rows) and by
+#: benchmarks/gpu_check.py on a GPU; the default keeps foreach until "compiled" measures faster on a device.
 ELEMENTWISE = {"cpu": "foreach"}
 
 

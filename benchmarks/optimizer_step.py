@@ -153,6 +153,16 @@ def time_rounds(callables: dict, steps: int, warmup: int) -> dict[str, list[floa
     return times
 
 
+def _compiled_step(optimizer) -> None:
+    """One step with the low-rank moments' elementwise update compiled (apollo.fused.ELEMENTWISE), then the default back."""
+    default = fused.ELEMENTWISE.get("cpu", "foreach")
+    fused.ELEMENTWISE["cpu"] = "compiled"
+    try:
+        optimizer.step()
+    finally:
+        fused.ELEMENTWISE["cpu"] = default
+
+
 def state_mb(optimizer) -> float:
     return apollo.optimizer_state_bytes(optimizer) / 2**20
 
@@ -173,16 +183,23 @@ def selected(name: str, rows: Sequence[str]) -> bool:
 
 
 def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, rows: Sequence[str] = ROWS,
-              warmup: int = 2, anchor_rows: Sequence[str] = ()) -> str:
+              warmup: int = 2, anchor_rows: Sequence[str] = (), compiled_elementwise: bool = False) -> str:
     rank = RANKS[size]
     model = build_parameters(size, dtype)
     # normal steps: a gap far beyond the run, after the first (refresh) step in warm-up
     normal = {name: make() for name, make in optimizers(model, rank, gap=10**9).items() if selected(name, rows)}
     anchor_optimizers, anchor_failures = anchors.build_anchors(model, anchor_rows, rank, gap=10**9)
     normal.update(anchor_optimizers)
+    steps_of = {name: optimizer.step for name, optimizer in normal.items()}
+    if compiled_elementwise:  # the APOLLO-family fused rows again, their moments' update compiled (fused.ELEMENTWISE)
+        makers = optimizers(model, rank, gap=10**9)
+        for name in [n for n in normal if n.startswith(("apollo", "galore")) and "(" not in n and "regular" not in n
+                     and "-torch" not in n]:
+            normal[f"{name} [compiled]"] = makers[name]()
+            steps_of[f"{name} [compiled]"] = functools.partial(_compiled_step, normal[f"{name} [compiled]"])
     snapshot = [p.detach().clone() for p in model.parameters()]
     floor_parts = projection_floor(model, rank, dtype)
-    timed = time_rounds({**{n: o.step for n, o in normal.items()}, **floor_parts}, steps, warmup=warmup)
+    timed = time_rounds({**steps_of, **floor_parts}, steps, warmup=warmup)
     median_ms = {name: 1e3 * statistics.median(t) for name, t in timed.items()}
     floor_ms = sum(median_ms[k] for k in floor_parts)
     # refresh steps: every step redraws P (random) or recomputes the SVD
@@ -208,9 +225,9 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
     ]
     for name, optimizer in normal.items():
         ms = median_ms[name]
-        ref = PUBLISHED.get(name.removesuffix(" (plain path)"))
         vs_published = f"{ms / median_ms[ref]:.2f}" if ref in median_ms else "-"
         vs_floor = f"{ms / floor_ms:.2f}" if name.startswith("apollo") and "torch" not in name else "-"
+        ref = PUBLISHED.get(name.removesuffix(" (plain path)").removesuffix(" [compiled]"))
         if name in anchors.NOTES:
             vs_floor = "-"
         if name == "apollo regular group":  # its baseline is the fused kernel on the same (regular) tensors
@@ -240,6 +257,9 @@ def main() -> None:
     parser.add_argument("--anchors", nargs="*", default=None, choices=anchors.ANCHORS, metavar="ANCHOR",
                         help=f"other libraries' optimizers to time with the rows (no names: "
                              f"{', '.join(anchors.DEFAULT_ANCHORS)}; also {', '.join(set(anchors.ANCHORS) - set(anchors.DEFAULT_ANCHORS))})")
+    parser.add_argument("--compiled_elementwise", action="store_true",
+                        help="also time each chosen APOLLO/GaLore row with its moments' update compiled "
+                             "(apollo.fused.ELEMENTWISE 'compiled'), as '<row> [compiled]'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu_chunk_elements", type=int, default=None,
                         help="override apollo.fused.CPU_CHUNK_GRAD_ELEMENTS (gradient numbers per chunk on the CPU; "
@@ -257,7 +277,7 @@ def main() -> None:
         for dtype in args.dtypes:
             anchor_rows = () if args.anchors is None else (args.anchors or anchors.DEFAULT_ANCHORS)
             print(benchmark(size, getattr(torch, dtype), args.steps, args.refresh_steps, args.rows,
-                            args.warmup, anchor_rows), flush=True)
+                            args.warmup, anchor_rows, args.compiled_elementwise), flush=True)
 
 
 if __name__ == "__main__":
