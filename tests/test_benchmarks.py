@@ -108,3 +108,12 @@ def test_anchor_that_cannot_run_says_why_and_one_that_runs_steps(monkeypatch):
     assert failed == {} and list(built) == ["pytorch-optimizer apollo_mini"]
     assert len(built["pytorch-optimizer apollo_mini"].state) == 6  # every parameter took a step
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_compile_throughput_refuses_an_unknown_model_before_building_anything(capsys):
+    import compile_throughput
+
+    with pytest.raises(SystemExit) as exit_info:
+        compile_throughput.main(["--models", "5m"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: no configs/llama_5m.json")
