@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -217,39 +218,51 @@ def throughput(device: torch.device, names: list[str], sizes: dict[str, int], se
     return rows
 
 
+def _one_update(model, optimizer, batch, device) -> float:
+    start = time.perf_counter()
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def compile_throughput(device: torch.device, sizes: dict[str, int], seq: int, updates: int) -> list[dict]:
-    """Eager vs compiled decoder layers (AdamW, synthetic ids): tokens/s and MFU (6N + 12 L H d_head T FLOPs/token)."""
+    """Eager vs compiled decoder layers (AdamW, synthetic ids): tokens/s and MFU (6N + 12 L H d_head T FLOPs/token).
+
+    Both models live side by side and their timed updates alternate (median per update), so that load on a
+    shared machine hits both alike; the first update of each (the compiled one compiles) is timed apart.
+    """
     rows = []
     peak = default_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     for size, micro in sizes.items():
         config = model_config(size)
-        for compiled in (False, True):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        runs = {}
+        for mode in ("eager", "compiled"):
             torch.manual_seed(0)
             model = build_model(config, dtype=dtype, device=device)
             params = sum(p.numel() for p in model.parameters())
-            if compiled:
+            if mode == "compiled":
                 compile_layers(model)
-            optimizer = apollo.build_optimizer("adamw", model, lr=1e-4)
-            batch = torch.randint(0, model.config.vocab_size, (micro, seq), device=device)
-            graphs = compiled_graphs()
-            start = time.perf_counter()
-            model(input_ids=batch, labels=batch).loss.backward()  # the first update compiles
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            synchronize(device)
-            first, graphs = time.perf_counter() - start, compiled_graphs()
-            seconds = _timed_updates(model, optimizer, batch, updates, device)
-            tokens_s = micro * seq / seconds
-            flops = flops_per_token(model.config, seq, params)
-            rows.append({"model": size, "mode": "compiled" if compiled else "eager", "micro_batch": micro,
-                         "tokens_per_s": tokens_s, "mfu": flops * tokens_s / (peak * 1e12) if peak else None,
-                         "first_update_s": first, "graphs_after_first": compiled_graphs() - graphs if compiled else None})
-            del model, optimizer, batch
-    for eager, compiled in zip(rows[::2], rows[1::2]):
-        compiled["vs_eager"] = compiled["tokens_per_s"] / eager["tokens_per_s"]
+            runs[mode] = {"model": model, "optimizer": apollo.build_optimizer("adamw", model, lr=1e-4), "times": []}
+        batch = torch.randint(0, runs["eager"]["model"].config.vocab_size, (micro, seq), device=device)
+        for mode, run in runs.items():
+            run["first"] = _one_update(run["model"], run["optimizer"], batch, device)
+        graphs = compiled_graphs()
+        for _ in range(updates):
+            for run in runs.values():
+                run["times"].append(_one_update(run["model"], run["optimizer"], batch, device))
+        flops = flops_per_token(runs["eager"]["model"].config, seq, params)
+        for mode, run in runs.items():
+            tokens_s = micro * seq / statistics.median(run["times"])
+            rows.append({"model": size, "mode": mode, "micro_batch": micro, "tokens_per_s": tokens_s,
+                         "mfu": flops * tokens_s / (peak * 1e12) if peak else None, "first_update_s": run["first"],
+                         "graphs_after_first": compiled_graphs() - graphs if mode == "compiled" else None})
+        rows[-1]["vs_eager"] = rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
+        del runs, batch
     return rows
 
 
