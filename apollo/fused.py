@@ -104,14 +104,36 @@ def fused_adamw(
     )
 
 
+#: How the low-rank Adam moments and direction are computed, per device type: "foreach" (torch's
+#: multi-tensor ops, seven passes over the moments, bit-identical to the plain path) or "compiled"
+#: (`torch.compile` of the per-tensor update: one generated kernel reading R, M, V and writing M, V and
+#: the direction; equal to the plain path up to float round-off, the compiler contracts mul-adds).
+#: Timed side by side by `benchmarks/optimizer_step.py --compiled_elementwise` ("[compiled]" rows) and by
+#: benchmarks/gpu_check.py on a GPU; the default keeps foreach until "compiled" measures faster on a device.
+ELEMENTWISE = {"cpu": "foreach"}
+
+
+def _adam_direction(r: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta1: float, beta2: float, eps: float) -> torch.Tensor:
+    """M <- b1 M + (1 - b1) R, V <- b2 V + (1 - b2) R^2 (in place), returns M / (sqrt(V) + eps): one tensor."""
+    m.mul_(beta1).add_(r, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
+    return m / (v.sqrt() + eps)
+
+
+_compiled_adam_direction = torch.compile(_adam_direction, dynamic=False)  # compiled on first use, per shape
+
+
 def _low_rank_directions(
     projected: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
     *, beta1: float, beta2: float, eps: float,
 ) -> list[torch.Tensor]:
     """`functional.adam_direction` over a list: moments updated in place, M / (sqrt(V) + eps) returned.
 
-    The same operations in the same order as the plain path, so the moments are bit-identical to it.
+    foreach: the same operations in the same order as the plain path, so the moments are bit-identical to
+    it; compiled (:data:`ELEMENTWISE`): one kernel per tensor, equal up to round-off.
     """
+    if projected and ELEMENTWISE.get(projected[0].device.type, "foreach") == "compiled":
+        return [_compiled_adam_direction(r, m, v, beta1, beta2, eps) for r, m, v in zip(projected, exp_avgs, exp_avg_sqs)]
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, projected, alpha=1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)

@@ -14,8 +14,12 @@ Writes `docs/gpu.md` (tables; `--out`) and a JSON of every figure (`--json`). Se
 3. training throughput with synthetic token ids (uniform over the vocabulary; no data loader in the timing):
    LLaMA-60M and -130M, bf16, the published micro-batch, 30 timed updates per optimizer: tokens/s, MFU
    (6 N tokens/s over the GPU's dense bf16 peak), torch.cuda.max_memory_allocated beside train.memory's estimate;
+   then eager against `--compile` (train.model.compile_layers: each decoder layer compiled) with AdamW at
+   LLaMA-60M to -1B: tokens/s, MFU by torchtitan's FLOPs per token (train.model.flops_per_token), the first
+   (compiling) update's seconds and the graphs compiled after it;
 4. the optimizer step at 1B in the paper's Table 7 setting (seq 1024, batch 16; random gradients): ms of torch
-   fused AdamW, APOLLO, APOLLO-Mini, GaLore and their projection refresh, as ratios to AdamW;
+   fused AdamW, APOLLO, APOLLO-Mini, GaLore and their projection refresh, as ratios to AdamW, and each low-rank
+   optimizer again with its elementwise moment update compiled (apollo.fused.ELEMENTWISE, "[compiled]" rows);
 5. memory: the 7B single-GPU recipe's code path (int8 weights, layer-wise APOLLO-Mini, bf16 states, micro-batch 1,
    synthetic ids) for 3 updates, its peak against 12 GB and the estimate; the largest LLaMA-1B micro-batch per
    optimizer (doubling until out of memory), as ratios to AdamW's.
@@ -28,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,16 +45,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import apollo  # noqa: E402
+from apollo import fused  # noqa: E402
 from apollo.layerwise import LayerwiseOptimizer  # noqa: E402
 from apollo.quant import quantize_model  # noqa: E402
 from train.memory import GB, estimate  # noqa: E402
-from train.model import build_model  # noqa: E402
+from train.metrics import default_peak_tflops  # noqa: E402
+from train.model import build_model, compile_layers, compiled_graphs, flops_per_token  # noqa: E402
 
 #: dense bf16 peak FLOP/s by GPU name (vendor data sheets, without sparsity)
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-FULL = {"throughput": {"60m": 256, "130m": 128}, "seq": 256, "updates": 30, "step_model": "1b", "step_seq": 1024,
+FULL = {"throughput": {"60m": 256, "130m": 128}, "compile": {"60m": 256, "130m": 128, "350m": 64, "1b": 32}, "seq": 256, "updates": 30, "step_model": "1b", "step_seq": 1024,
         "step_batch": 16, "memory_model": "7b", "search_model": "1b", "search_cap": 1024, "cli_updates": 20}
-TINY = {"throughput": {"toy": 2}, "seq": 32, "updates": 2, "step_model": "9m", "step_seq": 32, "step_batch": 2,
+TINY = {"throughput": {"toy": 2}, "compile": {"toy": 2}, "seq": 32, "updates": 2, "step_model": "9m", "step_seq": 32, "step_batch": 2,
         "memory_model": "toy", "search_model": "toy", "search_cap": 4, "cli_updates": 4}
 CORRECTNESS_CONFIG = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
@@ -211,6 +218,54 @@ def throughput(device: torch.device, names: list[str], sizes: dict[str, int], se
     return rows
 
 
+def _one_update(model, optimizer, batch, device) -> float:
+    start = time.perf_counter()
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def compile_throughput(device: torch.device, sizes: dict[str, int], seq: int, updates: int) -> list[dict]:
+    """Eager vs compiled decoder layers (AdamW, synthetic ids): tokens/s and MFU (6N + 12 L H d_head T FLOPs/token).
+
+    Both models live side by side and their timed updates alternate (median per update), so that load on a
+    shared machine hits both alike; the first update of each (the compiled one compiles) is timed apart.
+    """
+    rows = []
+    peak = default_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    for size, micro in sizes.items():
+        config = model_config(size)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        runs = {}
+        for mode in ("eager", "compiled"):
+            torch.manual_seed(0)
+            model = build_model(config, dtype=dtype, device=device)
+            params = sum(p.numel() for p in model.parameters())
+            if mode == "compiled":
+                compile_layers(model)
+            runs[mode] = {"model": model, "optimizer": apollo.build_optimizer("adamw", model, lr=1e-4), "times": []}
+        batch = torch.randint(0, runs["eager"]["model"].config.vocab_size, (micro, seq), device=device)
+        for mode, run in runs.items():
+            run["first"] = _one_update(run["model"], run["optimizer"], batch, device)
+        graphs = compiled_graphs()
+        for _ in range(updates):
+            for run in runs.values():
+                run["times"].append(_one_update(run["model"], run["optimizer"], batch, device))
+        flops = flops_per_token(runs["eager"]["model"].config, seq, params)
+        for mode, run in runs.items():
+            tokens_s = micro * seq / statistics.median(run["times"])
+            rows.append({"model": size, "mode": mode, "micro_batch": micro, "tokens_per_s": tokens_s,
+                         "mfu": flops * tokens_s / (peak * 1e12) if peak else None, "first_update_s": run["first"],
+                         "graphs_after_first": compiled_graphs() - graphs if mode == "compiled" else None})
+        rows[-1]["vs_eager"] = rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
+        del runs, batch
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ 4. optimizer step
 def optimizer_step(device: torch.device, size: str, updates: int) -> list[dict]:
     from benchmarks.optimizer_step import RANKS, build_parameters
@@ -223,22 +278,27 @@ def optimizer_step(device: torch.device, size: str, updates: int) -> list[dict]:
     rank = RANKS.get(size, max(1, model.config.hidden_size // 4))
     rows = []
     specs = {"adamw": {}, "apollo": {"rank": rank}, "apollo_mini": {}, "galore": {"rank": rank}}
+    default_mode = fused.ELEMENTWISE.get(device.type, "foreach")
     for name, options in specs.items():
-        timings = {}
-        for label, gap in (("step", 10**9), ("refresh", 1)):
-            if name == "adamw" and label == "refresh":
-                continue
-            extra = {} if name == "adamw" else {"update_proj_gap": gap}
-            optimizer = apollo.build_optimizer(name, model, lr=1e-5, **options, **extra)
-            optimizer.step()  # the first step creates the state (and the first projection)
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(updates):
-                optimizer.step()
-            synchronize(device)
-            timings[label] = 1e3 * (time.perf_counter() - start) / updates
-            del optimizer
-        rows.append({"optimizer": name, "step_ms": timings["step"], "refresh_ms": timings.get("refresh")})
+        for mode in ("default", "compiled") if name != "adamw" else ("default",):
+            fused.ELEMENTWISE[device.type] = default_mode if mode == "default" else "compiled"
+            timings = {}
+            for label, gap in (("step", 10**9), ("refresh", 1)):
+                if name == "adamw" and label == "refresh":
+                    continue
+                extra = {} if name == "adamw" else {"update_proj_gap": gap}
+                optimizer = apollo.build_optimizer(name, model, lr=1e-5, **options, **extra)
+                optimizer.step()  # the first step creates the state (and the first projection; compiles)
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(updates):
+                    optimizer.step()
+                synchronize(device)
+                timings[label] = 1e3 * (time.perf_counter() - start) / updates
+                del optimizer
+            rows.append({"optimizer": name if mode == "default" else f"{name} [compiled]", "step_ms": timings["step"],
+                         "refresh_ms": timings.get("refresh")})
+    fused.ELEMENTWISE[device.type] = default_mode
     adamw = rows[0]["step_ms"]
     for row in rows:
         row["vs_adamw"] = row["step_ms"] / adamw
@@ -312,6 +372,8 @@ def report(results: dict, tiny: bool) -> str:
              "## Correctness on the device (relative difference of the weight change after 3 steps)", "",
              *table(results["correctness"]), "", f"Tiny CLI run saved and resumed: {results['cli_resume']}", "",
              "## Training throughput (synthetic token ids)", "", *table(results["throughput"]), "",
+             "Eager against compiled decoder layers (AdamW; MFU by 6N + 12 L H d_head T):", "",
+             *table(results["compile_throughput"]), "",
              "## Optimizer step (random gradients)", "", *table(results["optimizer_step"]), "",
              "## Memory", "", "Single-GPU recipe path (int8 weights, layer-wise APOLLO-Mini, micro-batch 1):", "",
              *table([results["single_gpu"]]), "", "Largest micro-batch (seq 256):", "",
@@ -327,6 +389,7 @@ def run(tiny: bool, device: torch.device, data_dir: str | None, tokenizer: str |
         ("correctness", lambda: correctness(device, names)),
         ("cli_resume", lambda: cli_resume(device, sizes["cli_updates"], data_dir, tokenizer)),
         ("throughput", lambda: throughput(device, names, sizes["throughput"], sizes["seq"], sizes["updates"])),
+        ("compile_throughput", lambda: compile_throughput(device, sizes["compile"], sizes["seq"], sizes["updates"])),
         ("optimizer_step", lambda: optimizer_step(device, sizes["step_model"], sizes["updates"])),
         ("single_gpu", lambda: single_gpu_recipe(device, sizes["memory_model"])),
         ("micro_batch", lambda: largest_micro_batch(device, names, sizes["search_model"], sizes["search_cap"])),

@@ -5,6 +5,7 @@
     python benchmarks/optimizer_step.py --models 130m --dtypes float32 --rows apollo apollo_mini --cpu_chunk_elements 1048576
     python benchmarks/optimizer_step.py --models 130m --dtypes float32 bfloat16 --rows apollo fira scale adam_mini soap adamw8bit
     python benchmarks/muon_step.py --model 130m     # muon where its whole step takes minutes (a CPU's bf16 matmuls)
+    python benchmarks/optimizer_step.py --models 130m --dtypes float32 --rows apollo apollo_mini galore --anchors
 
 For each model and dtype it builds the model's parameters (random values) with random gradients and
 prints a markdown table: median ms per step (>= --steps timed steps after warm-up, optimizers
@@ -13,6 +14,10 @@ projection refresh, optimizer-state MB, and ratios to torch AdamW (foreach and f
 projection floor (the projection matmuls alone + drawing P + fused AdamW on the regular parameters),
 and to the published apollo-torch / galore-torch packages when they are installed (their
 `__init__` imports bitsandbytes, so their optimizer modules are loaded on their own).
+`--anchors` adds other libraries' optimizers (heavyball's compiled AdamW, torchao's 8/4-bit AdamW,
+pytorch-optimizer's APOLLO and GaLore; benchmarks/anchors.py says how to install them beside the
+benchmark): each a ratio to torch's fused AdamW, with a note where it is not the reference algorithm,
+or the reason it cannot run on this torch.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ sys.path.insert(0, str(REPO))
 import apollo  # noqa: E402
 from apollo import fused  # noqa: E402
 from apollo.projection import projection_side, random_projection  # noqa: E402
+import anchors  # noqa: E402  (benchmarks/ is on the path: run as a script, or by the tests)
 
 RANKS = {"60m": 128, "130m": 192, "350m": 256, "1b": 256}  # PROTOCOL.md recipe ranks
 
@@ -147,6 +153,16 @@ def time_rounds(callables: dict, steps: int, warmup: int) -> dict[str, list[floa
     return times
 
 
+def _compiled_step(optimizer) -> None:
+    """One step with the low-rank moments' elementwise update compiled (apollo.fused.ELEMENTWISE), then the default back."""
+    default = fused.ELEMENTWISE.get("cpu", "foreach")
+    fused.ELEMENTWISE["cpu"] = "compiled"
+    try:
+        optimizer.step()
+    finally:
+        fused.ELEMENTWISE["cpu"] = default
+
+
 def state_mb(optimizer) -> float:
     return apollo.optimizer_state_bytes(optimizer) / 2**20
 
@@ -167,14 +183,23 @@ def selected(name: str, rows: Sequence[str]) -> bool:
 
 
 def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, rows: Sequence[str] = ROWS,
-              warmup: int = 2) -> str:
+              warmup: int = 2, anchor_rows: Sequence[str] = (), compiled_elementwise: bool = False) -> str:
     rank = RANKS[size]
     model = build_parameters(size, dtype)
     # normal steps: a gap far beyond the run, after the first (refresh) step in warm-up
     normal = {name: make() for name, make in optimizers(model, rank, gap=10**9).items() if selected(name, rows)}
+    anchor_optimizers, anchor_failures = anchors.build_anchors(model, anchor_rows, rank, gap=10**9)
+    normal.update(anchor_optimizers)
+    steps_of = {name: optimizer.step for name, optimizer in normal.items()}
+    if compiled_elementwise:  # the APOLLO-family fused rows again, their moments' update compiled (fused.ELEMENTWISE)
+        makers = optimizers(model, rank, gap=10**9)
+        for name in [n for n in normal if n.startswith(("apollo", "galore")) and "(" not in n and "regular" not in n
+                     and "-torch" not in n]:
+            normal[f"{name} [compiled]"] = makers[name]()
+            steps_of[f"{name} [compiled]"] = functools.partial(_compiled_step, normal[f"{name} [compiled]"])
     snapshot = [p.detach().clone() for p in model.parameters()]
     floor_parts = projection_floor(model, rank, dtype)
-    timed = time_rounds({**{n: o.step for n, o in normal.items()}, **floor_parts}, steps, warmup=warmup)
+    timed = time_rounds({**steps_of, **floor_parts}, steps, warmup=warmup)
     median_ms = {name: 1e3 * statistics.median(t) for name, t in timed.items()}
     floor_ms = sum(median_ms[k] for k in floor_parts)
     # refresh steps: every step redraws P (random) or recomputes the SVD
@@ -200,15 +225,21 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
     ]
     for name, optimizer in normal.items():
         ms = median_ms[name]
-        ref = PUBLISHED.get(name.removesuffix(" (plain path)"))
         vs_published = f"{ms / median_ms[ref]:.2f}" if ref in median_ms else "-"
         vs_floor = f"{ms / floor_ms:.2f}" if name.startswith("apollo") and "torch" not in name else "-"
+        ref = PUBLISHED.get(name.removesuffix(" (plain path)").removesuffix(" [compiled]"))
+        if name in anchors.NOTES:
+            vs_floor = "-"
         if name == "apollo regular group":  # its baseline is the fused kernel on the same (regular) tensors
             vs_floor = f"{ms / median_ms['fused adamw (regular)']:.2f} of fused on regular"
         refresh = f"{refresh_ms[name]:.1f}" if name in refresh_ms else "-"
-        lines.append(f"| {name} | {ms:.1f} | {refresh} | {state_mb(optimizer):.1f} | {ms / fused_ms:.2f} | "
+        state = "-" if name in anchors.NOTES else f"{state_mb(optimizer):.1f}"  # their states are not torch.optim's
+        lines.append(f"| {name} | {ms:.1f} | {refresh} | {state} | {ms / fused_ms:.2f} | "
                      f"{ms / foreach:.2f} | {vs_floor} | {vs_published} |")
-    return "\n".join(lines) + "\n"
+    for name, reason in anchor_failures.items():
+        lines.append(f"| {name} | cannot run here: {reason} | - | - | - | - | - | - |")
+    notes = [f"- {name}: {anchors.NOTES[name]}" for name in anchor_rows]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def main() -> None:
@@ -223,6 +254,12 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW",
                         help=f"optimizers to time (default: all of {', '.join(ROWS)}); torch's AdamW (foreach, fused) "
                              "and the published package of a chosen row are always timed with them")
+    parser.add_argument("--anchors", nargs="*", default=None, choices=anchors.ANCHORS, metavar="ANCHOR",
+                        help=f"other libraries' optimizers to time with the rows (no names: "
+                             f"{', '.join(anchors.DEFAULT_ANCHORS)}; also {', '.join(set(anchors.ANCHORS) - set(anchors.DEFAULT_ANCHORS))})")
+    parser.add_argument("--compiled_elementwise", action="store_true",
+                        help="also time each chosen APOLLO/GaLore row with its moments' update compiled "
+                             "(apollo.fused.ELEMENTWISE 'compiled'), as '<row> [compiled]'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu_chunk_elements", type=int, default=None,
                         help="override apollo.fused.CPU_CHUNK_GRAD_ELEMENTS (gradient numbers per chunk on the CPU; "
@@ -238,8 +275,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     for size in args.models:
         for dtype in args.dtypes:
+            anchor_rows = () if args.anchors is None else (args.anchors or anchors.DEFAULT_ANCHORS)
             print(benchmark(size, getattr(torch, dtype), args.steps, args.refresh_steps, args.rows,
-                            args.warmup), flush=True)
+                            args.warmup, anchor_rows, args.compiled_elementwise), flush=True)
 
 
 if __name__ == "__main__":

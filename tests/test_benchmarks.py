@@ -87,3 +87,33 @@ def test_step_counts_below_one_are_refused_before_any_work(script, argv, message
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
+
+
+def test_anchor_that_cannot_run_says_why_and_one_that_runs_steps(monkeypatch):
+    """A missing library is a one-line reason in its row; an installed one takes its first step (weights restored)."""
+    import anchors
+
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 32), torch.nn.LayerNorm(32))
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setitem(sys.modules, "heavyball", None)  # import heavyball -> ModuleNotFoundError
+    built, failed = anchors.build_anchors(model, ["heavyball adamw (compiled)"], rank=4, gap=10)
+    assert built == {}
+    assert failed == {"heavyball adamw (compiled)": "heavyball is not installed (pip install --no-deps --target "
+                                                    "benchmarks/.anchors ...; see benchmarks/anchors.py)"}
+    pytest.importorskip("pytorch_optimizer")
+    built, failed = anchors.build_anchors(model, ["pytorch-optimizer apollo_mini"], rank=4, gap=10)
+    assert failed == {} and list(built) == ["pytorch-optimizer apollo_mini"]
+    assert len(built["pytorch-optimizer apollo_mini"].state) == 6  # every parameter took a step
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_compile_throughput_refuses_an_unknown_model_before_building_anything(capsys):
+    import compile_throughput
+
+    with pytest.raises(SystemExit) as exit_info:
+        compile_throughput.main(["--models", "5m"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: no configs/llama_5m.json")

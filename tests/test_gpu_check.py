@@ -26,7 +26,11 @@ def test_tiny_mode_writes_every_section(tmp_path, monkeypatch, c4_dir, tokenizer
     assert results["cli_resume"]["result"] == "bit-identical"
     assert {row["optimizer"] for row in results["throughput"]} == set(names)
     assert all(row["tokens_per_s"] > 0 and row["estimate_gb"] > 0 for row in results["throughput"])
+    assert [(row["model"], row["mode"]) for row in results["compile_throughput"]] == [("toy", "eager"), ("toy", "compiled")]
+    eager, compiled = results["compile_throughput"]
+    assert compiled["graphs_after_first"] == 0 and compiled["vs_eager"] == compiled["tokens_per_s"] / eager["tokens_per_s"]
     steps = {row["optimizer"]: row for row in results["optimizer_step"]}
+    assert {"apollo [compiled]", "apollo_mini [compiled]", "galore [compiled]"} <= set(steps)
     assert steps["adamw"]["vs_adamw"] == 1.0 and steps["apollo"]["refresh_ms"] > 0
     assert results["single_gpu"]["estimate_gb"] > 0
     assert all(row["largest_micro_batch"] == 4 and row["capped"] for row in results["micro_batch"])

@@ -154,6 +154,8 @@ class TrainConfig:
     stochastic_round: bool = option(False, "re-quantise updated int8 weights with stochastic rounding (seeded, resumable)")
     layerwise: bool = option(False, "update each parameter during backward as soon as its gradient exists (one process, "
                                     "no accumulation, no clipping)")
+    compile: bool = option(False, "compile each decoder layer with torch.compile (inductor), after activation "
+                                  "checkpointing and before FSDP2/DDP; graphs compiled after the first update are logged")
 
     # -- evaluation, checkpoints, failures -------------------------------------------------------
     eval_every: int = option(5000, "evaluate every this many updates (and at the end)", low=1)
@@ -181,6 +183,9 @@ class TrainConfig:
 
     # -- logging ---------------------------------------------------------------------------------
     log_every: int = option(1, "log train metrics every this many updates", low=1)
+    peak_tflops: Optional[float] = option(None, "the device's peak TFLOP/s for MFU (default: its dense bfloat16 peak when "
+                                                "the device name is known, e.g. A100 312, H100 989; else MFU is not logged)",
+                                          above=0.0)
     wandb: Optional[str] = option(None, "wandb mode (default: $WANDB_MODE, else online)", choices=("online", "offline", "disabled"))
     project: str = option("apollo", "wandb project")
     name: Optional[str] = option(None, "run name (default: the run folder's name)")
@@ -393,6 +398,10 @@ def _resolve_memory_modes(c: TrainConfig, world_size: int) -> list[str]:
             raise ConfigError(f"--fsdp with {c.optimizer} needs the optimizer state in the weights' dtype: "
                               "use --dtype float32 (with --fsdp_mixed_precision for bfloat16 compute) "
                               "or --state_dtype param")
+    if c.compile:
+        for flag in ("weight_quant", "layerwise"):  # int8 layers' autograd functions / backward hooks: not traced
+            if getattr(c, flag):
+                raise ConfigError(f"--compile does not combine with --{flag}; drop one of them")
     if c.layerwise:
         try:
             check_layerwise(gradient_accumulation=c.gradient_accumulation, grad_clipping=c.grad_clipping,

@@ -12,6 +12,11 @@ live in `float_grad`, which DDP does not see, so they are all-reduced here befor
 --layerwise updates every parameter inside backward, so `optimizer.step()` only closes the update's
 bookkeeping and the logged grad_norm is the one the hooks measured. The lr schedule is applied the same
 way in both modes: every param group's lr is set before the update's forward pass.
+
+Speed: every log carries tokens/s per process and, where the device's peak is known (--peak_tflops or
+its name), MFU. --compile compiles each decoder layer (after activation checkpointing, before FSDP2/DDP);
+graphs compiled during an update after the run's first are counted (compile/recompiles) and announced,
+since a run that recompiles every update is slower than an eager one.
 """
 from __future__ import annotations
 
@@ -35,8 +40,8 @@ from train.data import build_train_loader
 from train.distributed import (Distributed, StopSignal, all_gather_floats, all_reduce_sum, shard_model, unwrap,
                                wrap_model)
 from train.evaluate import evaluate
-from train.logging import MetricsLogger
-from train.model import build_model, parameter_counts
+from train.metrics import MetricsLogger, default_peak_tflops, device_name, speed_metrics
+from train.model import build_model, compile_layers, compiled_graphs, flops_per_token, parameter_counts
 from train.schedule import lr_multiplier
 
 
@@ -74,6 +79,9 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     model = build_model(config.model_config, dtype=config.dtype, device=ctx.device,
                         activation_checkpointing=config.activation_checkpointing)
     counts = parameter_counts(model)  # before quantisation: the int8 layers are no longer nn.Linear
+    model_flops = flops_per_token(model.config, config.max_length, counts["total"])
+    if config.compile:  # torchtitan's order: activation checkpointing (build_model), compile, then FSDP2/DDP
+        compile_layers(model)
     quantize(model, config)  # --weight_quant: uint8 attention/MLP weights, before DDP and the optimizer see them
     if config.fsdp:  # the optimizer must see the sharded (DTensor) parameters
         shard_model(model, ctx, mixed_precision=config.fsdp_mixed_precision, replicate_degree=config.replicate_degree)
@@ -86,6 +94,10 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     logger = MetricsLogger(run_dir, config.to_dict(), wandb_mode=config.wandb, project=config.project, name=config.name,
                            entity=config.entity, total_steps=config.num_training_steps, enabled=ctx.is_main)
     logger.summarize({f"params/{key}": value for key, value in counts.items()})
+    peak = config.peak_tflops or default_peak_tflops(device_name(ctx.device))
+    logger.summarize({"flops_per_token": model_flops, "peak_tflops": peak})
+    if peak is None:
+        logger.info(f"MFU not logged: no known peak for device '{device_name(ctx.device)}'; give it with --peak_tflops")
 
     # -- resume: weights, optimizer, counters, data position, RNG (last, so nothing above consumes it)
     state = {"step": 0, "tokens_seen": 0, "last_eval_step": -1, "skipped_updates": 0}
@@ -152,6 +164,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     stop = StopSignal()
     step, accum = start_step, config.gradient_accumulation
     window_seconds, window_tokens, exit_code = 0.0, 0, 1  # throughput counts update time only, not eval/save
+    window_positions, recompiles, window_recompiles = 0, 0, 0
+    positions_per_update = config.total_batch_size * config.max_length  # computed, padding included (MFU)
     try:
         while step < config.num_training_steps:
             multiplier = lr_multiplier(step, num_training_steps=config.num_training_steps, warmup_steps=config.warmup_steps,
@@ -165,7 +179,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
             if step > start_step and step % config.save_every == 0:
                 save(step)
 
-            update_start = time.perf_counter()
+            update_start, graphs_before = time.perf_counter(), compiled_graphs()
             loss_sum, tokens = torch.zeros((), device=ctx.device, dtype=torch.float64), 0
             for micro_step in range(accum):
                 batch = next(batches)
@@ -205,12 +219,28 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
             state["step"] = step
             state["tokens_seen"] += int(tokens_total)
             window_tokens += int(tokens_total)
+            window_positions += positions_per_update
             window_seconds += time.perf_counter() - update_start
+            new_graphs = compiled_graphs() - graphs_before
+            if step == start_step + 1:
+                first_update = {"compile/first_update_seconds": window_seconds, "compile/graphs": new_graphs}
+            elif config.compile and new_graphs:  # guards failed or shapes changed: dynamo compiled again
+                recompiles, window_recompiles = recompiles + new_graphs, window_recompiles + new_graphs
 
             if log_now:
                 metrics = {"loss": loss_value, "lr": config.lr * multiplier, "tokens_seen": state["tokens_seen"],
                            "throughput_tokens": window_tokens / max(window_seconds, 1e-9),
-                           "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                           **speed_metrics(tokens=window_tokens, positions=window_positions, seconds=window_seconds,
+                                           world_size=ctx.world_size, flops_per_token=model_flops, peak_tflops=peak)}
+                if config.compile:
+                    metrics["compile/recompiles"] = recompiles
+                    if step == start_step + 1:  # the first update's time is mostly compiling
+                        metrics.update(first_update)
+                    if window_recompiles:
+                        logger.info(f"update {step}: {window_recompiles} graph(s) recompiled in the last "
+                                    f"{config.log_every} update(s), {recompiles} since the first update "
+                                    f"(shapes or guards changed; a recompile every update runs slower than eager)")
                 if state["skipped_updates"]:
                     metrics["skipped_updates"] = state["skipped_updates"]
                 if loader.unk_mapped:  # this rank's ids >= vocab_size read as <unk> so far (train.data)
@@ -220,7 +250,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                     logger.summarize({"optimizer_state_bytes": metrics["optimizer_state_bytes"]})
                 logger.log(metrics, step)
                 logger.progress(1, loss=loss_value, lr=metrics["lr"], tok_s=metrics["throughput_tokens"])
-                window_seconds, window_tokens = 0.0, 0
+                window_seconds, window_tokens, window_positions, window_recompiles = 0.0, 0, 0, 0
             else:
                 logger.progress(1)
 

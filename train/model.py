@@ -12,10 +12,16 @@ real token 31999 instead.)
 
 Seeding is the caller's job: `torch.manual_seed(s)` before `build_model` gives bit-identical weights
 for the same `s`.
+
+`compile_layers` (--compile) compiles each decoder layer's forward with torch.compile (inductor), after
+activation checkpointing and before FSDP2/DDP (torchtitan's order): module hooks (FSDP2's all-gathers)
+stay outside the compiled code, the state dict keeps its names, and every layer shares one graph.
+`flops_per_token` is torchtitan's model-FLOPs count behind MFU.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from os import PathLike
 from pathlib import Path
@@ -92,3 +98,52 @@ def parameter_counts(model: nn.Module, target_modules: TargetSpec = DEFAULT_TARG
     low_rank = sum(module.weight.numel() for _, module in select_target_modules(model, target_modules)
                    if module.weight.dim() == 2)
     return {"total": total, "low_rank": low_rank, "regular": total - low_rank}
+
+
+def _class_forward(layer: nn.Module, *args, **kwargs):
+    """The layer's forward as its class defines it now (FSDP2 swaps the class for a subclass whose forward
+    is the one that checkpoints), so the compiled function follows the layer through fully_shard."""
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+def compile_layers(model: LlamaForCausalLM) -> int:
+    """Compile every decoder layer's forward in place with `torch.compile(dynamic=False)`; returns the count.
+
+    Shapes are fixed (every batch is (B, max_length)), so a run compiles once for training and once for
+    evaluation; `dynamic=False` keeps one specialised kernel set rather than a symbolic one after the
+    first shape change. All layers run the same code, so they share one graph (parameters are graph
+    inputs). With activation checkpointing the checkpoint is traced inside the compiled layer; the
+    transformers hub-kernel bookkeeping it sets while tracing is a side effect that the recompute in
+    backward need not repeat, which dynamo must be told (`skip_fwd_side_effects_in_bwd_under_checkpoint`).
+    """
+    layers = model.model.layers
+    for layer in layers:
+        compiled = torch.compile(functools.partial(_class_forward, layer), dynamic=False)
+
+        def forward(*args, _compiled=compiled, **kwargs):
+            with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+                return _compiled(*args, **kwargs)
+
+        layer.forward = forward  # an instance attribute: module hooks and state-dict names are unchanged
+    return len(layers)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int, params: int) -> int:
+    """Model FLOPs per trained token, torchtitan's count: 6 (N - N_embedding) + 12 L H d_head T.
+
+    6N: forward (2 FLOPs per weight per token) plus backward (4); the input embedding is a lookup, not a
+    matmul, so its V x d weights are left out (the untied lm_head is a matmul and counts). 12 L H d_head T:
+    the attention scores QK^T and the weighted sum AV, 2 matmuls x 2 FLOPs x T x d_head per head and layer,
+    times 3 for forward + backward (counted over the full T x T square, as torchtitan does). Activation
+    checkpointing's recompute is not counted (MFU counts the model's FLOPs, not the hardware's).
+    """
+    embedding = config.vocab_size * config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 6 * (params - embedding) + 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len

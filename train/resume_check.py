@@ -21,6 +21,7 @@ second group until it is listed here. The world size is checked apart (one rank 
 | dry_run                 | prints the plan, trains nothing                                                |
 | nan_policy              | what happens at a NaN/inf loss; a finite run is unchanged                      |
 | activation_checkpointing, single_gpu | memory and wrapping only: the same numbers              |
+| peak_tflops             | the MFU figure only                                                            |
 | num_training_steps, max_train_tokens | the run may be extended (or cut) as long as it ends after the checkpoint's update |
 
 Extending num_training_steps: the schedule is a pure function of (update, num_training_steps), so
@@ -62,6 +63,7 @@ MAY_CHANGE: dict[str, str] = {
     "dry_run": "prints the plan, trains nothing",
     "nan_policy": "what a NaN/inf loss does; a finite run is unchanged",
     "activation_checkpointing": "recomputes the same activations: memory only",
+    "peak_tflops": "the MFU figure only",
     "single_gpu": "no DDP wrapper; with one process (the world size must match) the same numbers",
     "num_training_steps": "the run may be extended; it must end after the checkpoint's update",
     "max_train_tokens": "sets num_training_steps",

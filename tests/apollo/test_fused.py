@@ -178,3 +178,23 @@ def test_fused_flag_reaches_the_optimizer_through_build_optimizer():
     assert apollo.build_optimizer("apollo_mini", model, lr=0.01, target_modules=["0"], fused=False).fused is False
     with pytest.raises(ValueError, match=r"^target_modules \('attn', 'mlp'\) selects no trainable 2-D weight"):
         apollo.build_optimizer("apollo_mini", model, lr=0.01)  # the LLaMA default names nothing here: refused
+
+
+@pytest.mark.slow  # compiles three kernels (about a minute on a loaded 2-core CPU)
+def test_compiled_elementwise_step_is_as_close_to_float64_as_foreach(monkeypatch):
+    """fused.ELEMENTWISE 'compiled' (the moments and direction in one generated kernel per tensor) rounds
+    differently from the plain path, so both fast paths are measured against the float64 plain run."""
+    cls, lowrank = CONFIGS["apollo channel"]
+    monkeypatch.setitem(fused.ELEMENTWISE, "cpu", "compiled")
+    compiled, start, compiled_opt = _run(cls, lowrank, torch.float32, True)
+    monkeypatch.setitem(fused.ELEMENTWISE, "cpu", "foreach")
+    foreach, _, foreach_opt = _run(cls, lowrank, torch.float32, True)
+    exact, _, _ = _run(cls, lowrank, torch.float64, False, values=torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    for a, b, ref, w0 in zip(compiled, foreach, exact, start):
+        assert (ref - w0).norm() > 0.01
+        compiled_error, foreach_error = (a.double() - ref).norm(), (b.double() - ref).norm()
+        assert compiled_error <= 2 * foreach_error + 4 * eps * ref.norm(), (compiled_error.item(), foreach_error.item())
+    moments = [(compiled_opt.state[p]["exp_avg"], foreach_opt.state[q]["exp_avg"])
+               for p, q in zip(compiled_opt.param_groups[1]["params"], foreach_opt.param_groups[1]["params"])]
+    assert all(torch.allclose(m, n, rtol=1e-5, atol=1e-7) for m, n in moments)

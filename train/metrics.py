@@ -4,7 +4,11 @@ Every record goes to both sinks with the same keys: `<run dir>/metrics.jsonl` ge
 line with "step" added, wandb gets `run.log(metrics, step=step)`. When wandb is disabled a stand-in
 with the same methods takes its place, so the training loop never asks whether wandb is on; wandb is
 imported only when it is used. On other ranks the logger does nothing at all.
-(Inside the `train` package `import logging` still means the standard library: imports are absolute.)
+(Named metrics.py, not logging.py: a module named logging beside a script shadows the standard library.)
+
+Speed: `speed_metrics` turns an update window into tokens/s per process and MFU, the model FLOPs the
+window's positions cost (train.model.flops_per_token, padding included: it is computed) over the
+time, divided by the device's peak (--peak_tflops, or `default_peak_tflops` from the device's name).
 """
 from __future__ import annotations
 
@@ -12,9 +16,48 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tqdm import tqdm
+
+
+# Dense bfloat16 tensor-core peaks in TFLOP/s, from the vendors' datasheets (torchtitan's table); the first
+# name contained in the device's name wins, so the specific variants come before their family.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("MI300X", 1307.0), ("MI325X", 1307.0), ("MI250X", 383.0),
+)
+
+
+def default_peak_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of a device whose name is in PEAK_TFLOPS (e.g. 'NVIDIA H100 80GB HBM3' -> 989), else None."""
+    for key, tflops in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def device_name(device: Any) -> str:
+    """torch's name for a CUDA device ('NVIDIA A100-SXM4-80GB'), else the device type ('cpu')."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def speed_metrics(*, tokens: int, positions: int, seconds: float, world_size: int, flops_per_token: int,
+                  peak_tflops: Optional[float]) -> dict[str, float]:
+    """Tokens/s of one process and MFU over a window of updates.
+
+    tokens: non-pad tokens over all processes; positions: sequence positions computed over all processes
+    (batch x max_length per micro-batch, padding included: those FLOPs are spent). MFU = flops_per_token x
+    positions / world_size / seconds / (peak_tflops x 1e12); left out when peak_tflops is None.
+    """
+    seconds = max(seconds, 1e-9)
+    metrics = {"tokens_per_s_per_process": tokens / world_size / seconds}
+    if peak_tflops:
+        metrics["mfu"] = flops_per_token * positions / world_size / seconds / (peak_tflops * 1e12)
+    return metrics
 
 
 class NoWandb:
