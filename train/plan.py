@@ -65,7 +65,8 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         dtype=config.dtype, state_dtype=config.state_dtype, packing=config.packing, weight_quant=config.weight_quant,
         weight_group_size=config.weight_group_size, weight_bits=config.weight_bits,
         stochastic_round=config.stochastic_round, layerwise=config.layerwise,
-        world_size=1 if config.single_gpu else world_size,  # DDP's buckets, or FSDP2's shards
+        # DDP's buckets, or FSDP2's shards: under HSDP each rank shards over its world / R shard group only
+        world_size=1 if config.single_gpu else world_size // config.replicate_degree if config.fsdp else world_size,
         gradient_accumulation=config.gradient_accumulation, fsdp=config.fsdp,
         fsdp_mixed_precision=config.fsdp_mixed_precision,
     )
@@ -81,7 +82,9 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         f"{_wsd_decay(config)} to {config.min_lr_ratio:g} x lr) = {config.num_training_steps * tokens_per_update / 1e9:.2f}B token slots; "
         f"eval every {config.eval_every:,}, save every {config.save_every:,}",
         f"memory per process (estimate, {config.dtype}, micro-batch {config.batch_size}"
-        + (f", FSDP2 shards over {world_size} processes" if config.fsdp else
+        + (f", HSDP: {config.replicate_degree} replicas x {world_size // config.replicate_degree} shards"
+           if config.fsdp and config.replicate_degree > 1 else
+           f", FSDP2 shards over {world_size} processes" if config.fsdp else
            f", DDP over {world_size} processes" if world_size > 1 and not config.single_gpu else "")
         + f"; train.memory has the details): {memory.peak_line()}",
     ]

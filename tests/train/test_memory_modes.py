@@ -212,3 +212,25 @@ def test_dry_run_prints_each_optimizers_own_routing(tmp_path, c4_dir, tokenizer_
     assert "low_rank: 14 tensors (0.02M values)" in expected["apollo"]  # 2 x (4 x 32 x 32 + 3 x 32 x 64)
     assert "low_rank" not in expected["scale"] and "low_rank" not in expected["adam_mini"]
     assert len(set(line.split(";", 1)[1] for line in expected.values())) >= 5  # the routings really differ
+
+
+def test_dry_run_under_hsdp_shards_over_the_shard_group_only(tmp_path, c4_dir, tokenizer_dir):
+    """--fsdp --replicate_degree 2 on 4 processes: each rank holds 1/2 of the weights (2 shards), not 1/4."""
+    import re
+    from train.config import resolve
+    from train.plan import describe
+    from tests.train.test_cli import write_tiny_config
+    from train import __main__ as cli
+
+    def weights_gb(*extra):
+        config, _ = resolve(cli.parse_args(["--model_config", str(write_tiny_config(tmp_path)), "--lr", "0.01",
+                                            "--batch_size", "1", "--total_batch_size", "4", "--max_length", "32",
+                                            "--num_training_steps", "2", "--warmup_steps", "0", "--fsdp",
+                                            "--data_dir", str(c4_dir), "--tokenizer", str(tokenizer_dir),
+                                            "--save_dir", str(tmp_path / "run"), "--wandb", "disabled", *extra]), 4)
+        line = describe(config, 4)[-1]
+        return line, float(re.search(r"weights ([0-9.]+)", line).group(1))
+    fsdp_line, fsdp = weights_gb()
+    hsdp_line, hsdp = weights_gb("--replicate_degree", "2")
+    assert "FSDP2 shards over 4 processes" in fsdp_line and "HSDP: 2 replicas x 2 shards" in hsdp_line
+    assert hsdp == pytest.approx(2 * fsdp, rel=0.05), (fsdp_line, hsdp_line)
