@@ -231,7 +231,7 @@ def iter_eval_batches(*, tokenizer, data_dir, max_length: int, batch_size: int, 
 def _eval_batch(documents, covered, tokenizer, max_length: int, vocab_size: int | None) -> dict[str, Any]:
     batch = pad_documents(documents, tokenizer, max_length)
     mapped = map_out_of_vocabulary(batch, vocab_size, tokenizer.unk_token_id)
-    return {**batch, "text_bytes": torch.tensor(covered), "unk_mapped": mapped}
+    return {**batch, "text_bytes": torch.tensor(covered), "unk_mapped": torch.tensor(mapped)}
 
 
 def _check_lengths(*, max_length: int, batch_size: int, rank: int, world_size: int) -> None:

@@ -117,7 +117,7 @@ def evaluate(
                 loss_sum += batch_loss_sum(model, {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")})
                 count += count_targets(batch["labels"])
                 covered += int(batch["text_bytes"].sum())
-                unk_mapped += batch["unk_mapped"]
+                unk_mapped += int(batch["unk_mapped"])
     finally:
         model.train(was_training)
     counts = torch.tensor([float(count), float(covered)], dtype=torch.float64, device=device)  # exact below 2**53
