@@ -101,8 +101,9 @@ def seed_pair(seed: int) -> tuple[int, int]:
     return left, right
 
 
-def projection(seed: int, shape: tuple[int, int], rank: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """L = randn(r, m; σ_L)/√r (m < n) or R = randn(n, r; σ_R)/√r, drawn on `device` in `dtype` (meta: shape only)."""
+def projection(seed: int, shape: tuple[int, int], rank: int, *, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """L = randn(r, m; σ_L)/√r (m < n) or R = randn(n, r; σ_R)/√r, on `device` in `dtype` (meta: shape only)."""
     m, n = shape
     left, right = seed_pair(seed)
     size, draw_seed = ((rank, m), left) if m < n else ((n, rank), right)
@@ -202,8 +203,8 @@ def state_bytes(shape: tuple[int, ...], rank: int | None, *, beta1: float = 0.9,
 class Flora(Optimizer):
     r"""Flora (module docstring for the math): Adafactor with a compressed, periodically re-drawn momentum.
 
-    Every hyper-parameter lives in the param group (``lr``, ``weight_decay``, ``rank``, ``kappa``, ``betas`` =
-    (β1, c), ``eps`` = ε1, ``eps2``, ``clip_threshold``, ``scale_parameter``, ``factorize_second_moment``,
+    Every hyper-parameter lives in the param group (``lr``, ``weight_decay``, ``rank``, ``update_proj_gap`` = κ,
+    ``betas`` = (β1, c), ``eps`` = ε1, ``eps2``, ``clip_threshold``, ``scale_parameter``, ``factorize_second_moment``,
     ``seed``, ``state_dtype``, and ``initial_seed``: σ of the group's first parameter, seed + its 1-based
     position), so ``Flora([dict(group, params=[p])])`` with the group's ``initial_seed`` advanced to p's
     position updates p exactly as the joint optimizer does (`apollo.LayerwiseOptimizer` does that for groups
@@ -211,11 +212,13 @@ class Flora(Optimizer):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.0, *, rank: int | None = None,
-                 kappa: int = 1000, betas: tuple[float, float] = (0.9, 0.8), eps: float = 1e-30, eps2: float = 1e-3,
+                 update_proj_gap: int = 1000, betas: tuple[float, float] = (0.9, 0.8), eps: float = 1e-30,
+                 eps2: float = 1e-3,
                  clip_threshold: float = 1.0, scale_parameter: bool = True, factorize_second_moment: bool = True,
                  seed: int = 0, state_dtype: torch.dtype | str | None = None):
-        defaults = dict(lr=lr, weight_decay=weight_decay, rank=rank, kappa=kappa, betas=tuple(betas), eps=eps,
-                        eps2=eps2, clip_threshold=clip_threshold, scale_parameter=scale_parameter,
+        defaults = dict(lr=lr, weight_decay=weight_decay, rank=rank, update_proj_gap=update_proj_gap,
+                        betas=tuple(betas), eps=eps, eps2=eps2, clip_threshold=clip_threshold,
+                        scale_parameter=scale_parameter,
                         factorize_second_moment=factorize_second_moment, seed=seed, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
@@ -282,7 +285,8 @@ class Flora(Optimizer):
                 flora_update(weight, param.grad.to(work_dtype), work, step=state["step"], lr=group["lr"], beta1=beta1,
                              decay_exponent=decay_exponent, eps=group["eps"], eps2=group["eps2"],
                              clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
-                             scale_parameter=group["scale_parameter"], rank=group["rank"], kappa=group["kappa"])
+                             scale_parameter=group["scale_parameter"], rank=group["rank"],
+                             kappa=group["update_proj_gap"])
                 for key, value in work.items():  # states kept in another dtype than the work: written back
                     if isinstance(value, torch.Tensor):
                         if value is not state[key]:
@@ -308,9 +312,9 @@ def _validate(group: dict[str, Any], name: str) -> None:
     rank = group["rank"]
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"{name}: rank must be None or an integer >= 1, got {rank!r}")
-    kappa = group["kappa"]
+    kappa = group["update_proj_gap"]
     if isinstance(kappa, bool) or not isinstance(kappa, int) or kappa < 1:
-        raise ValueError(f"{name}: kappa must be an integer >= 1, got {kappa!r}")
+        raise ValueError(f"{name}: update_proj_gap (kappa) must be an integer >= 1, got {kappa!r}")
     for key in ("eps", "eps2"):
         if not group[key] >= 0.0:
             raise ValueError(f"{name}: {key} must be >= 0, got {group[key]!r}")
@@ -327,7 +331,7 @@ def _validate(group: dict[str, Any], name: str) -> None:
 # ------------------------------------------------------------------------------------------ routing
 
 #: Options `build` accepts, with their defaults (rank None: a quarter of the hidden size).
-DEFAULTS: dict[str, Any] = {"rank": None, "kappa": 1000, "betas": (0.9, 0.8), "eps": 1e-30, "eps2": 1e-3,
+DEFAULTS: dict[str, Any] = {"rank": None, "update_proj_gap": 1000, "betas": (0.9, 0.8), "eps": 1e-30, "eps2": 1e-3,
                             "clip_threshold": 1.0, "scale_parameter": True, "factorize_second_moment": True, "seed": 0,
                             "state_dtype": None}
 OPTIONS: frozenset[str] = frozenset(DEFAULTS)
@@ -337,9 +341,9 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     """Flora over `model`: every trainable matrix in the "matrices" group (compressed where `compressible`:
     LLaMA's attention and MLP weights, not embed_tokens / lm_head), everything else in "vectors".
 
-    options (None = default): rank (a quarter of config.hidden_size), kappa 1000, betas (0.9, 0.8) = (β1, c),
-    eps 1e-30 (ε1), eps2 1e-3, clip_threshold 1.0, scale_parameter True, factorize_second_moment True, seed 0,
-    state_dtype None (follow the weights; "float32" for bfloat16 weights). int8 weights are refused.
+    options (None = default): rank (a quarter of config.hidden_size), update_proj_gap κ 1000, betas (0.9, 0.8) =
+    (β1, c), eps 1e-30 (ε1), eps2 1e-3, clip_threshold 1.0, scale_parameter True, factorize_second_moment True,
+    seed 0, state_dtype None (follow the weights; "float32" for bfloat16 weights). int8 weights are refused.
     """
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
@@ -366,7 +370,7 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
 SPEC = OptimizerSpec(
     "flora", build, OPTIONS,
     "Flora: Adafactor with its momentum in a seeded random rank-r subspace, re-drawn every kappa steps",
-    flags={"rank": "rank", "update_proj_gap": "kappa"},
+    flags={"rank": "rank", "update_proj_gap": "update_proj_gap"},  # κ: the harness's name for the refresh gap
     default_betas=(0.9, 0.8),  # (beta1, c): beta2 is Adafactor's decay exponent, beta_hat_t = 1 - t^(-c)
     refuses={"weight_quant": "Flora has no int8 weight path",
              "fsdp": "Flora's factored second moment and projections need whole matrices (no DTensor path)"},

@@ -43,7 +43,7 @@ def main() -> None:
              for _ in range(args.steps)]
     ours = [torch.nn.Parameter(w.clone()) for w in weights]
     theirs = [torch.nn.Parameter(w.clone()) for w in weights]
-    ours_opt = Flora(ours, lr=args.lr, weight_decay=args.weight_decay, rank=args.rank, kappa=args.kappa,
+    ours_opt = Flora(ours, lr=args.lr, weight_decay=args.weight_decay, rank=args.rank, update_proj_gap=args.kappa,
                      betas=(0.9, 0.8), eps=1e-30, eps2=1e-3, clip_threshold=1.0, seed=args.seed)
     theirs_opt = Published(theirs, lr=args.lr, rank=args.rank, kappa=args.kappa, beta1=0.9, eps=(1e-30, 1e-3),
                            clip_threshold=1.0, decay_rate=-0.8, weight_decay=args.weight_decay, scale_parameter=True,
