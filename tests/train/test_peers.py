@@ -15,6 +15,7 @@ PEERS = {  # name: flags of a 4-update tiny run (lrs that train this model; not 
     "muon": {"lr": 0.02, "adam_lr": 0.003},
     "adam_mini": {"lr": 0.003},
     "soap": {"lr": 0.003, "soap_precondition_frequency": 2},
+    "flora": {"rank": 4, "update_proj_gap": 2},  # kappa 2: the run saves at 2, right after its momenta moved
 }
 
 
