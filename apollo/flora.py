@@ -9,22 +9,26 @@ Per parameter at step t (counted from 1), G in the working dtype w = max(float32
 .. math::
     \hat\beta_t = 1 - t^{-c},\qquad Q = G\odot G + \epsilon_1
 
-factored (a matrix, ``factorize_second_moment``): :math:`r \leftarrow \hat\beta_t r + (1-\hat\beta_t)\,
-\mathrm{mean}_{cols} Q`, :math:`c \leftarrow \hat\beta_t c + (1-\hat\beta_t)\,\mathrm{mean}_{rows} Q`,
-:math:`U = G \odot (r/\bar r)^{-1/2} \otimes c^{-1/2}`; otherwise :math:`v \leftarrow \hat\beta_t v +
-(1-\hat\beta_t) Q`, :math:`U = G/\sqrt v`. The momentum is of U. A matrix m x n is *compressible* when it is
-factored, :math:`\beta_1 > 0`, :math:`\min(m,n) \ge r` and :math:`\max/\min \le 4`. Its momentum is
-:math:`C` (r x n for m < n, else m x r) in the subspace of seed σ: from σ, :math:`(\sigma_L, \sigma_R)` =
-two ``randint(0, 2^63-1)`` draws of a CPU generator seeded σ; m < n: :math:`L = \mathrm{randn}(r, m;
-\sigma_L)/\sqrt r`, :math:`D(X) = L X`, :math:`E(Y) = L^\top Y`; else :math:`R = \mathrm{randn}(n, r;
-\sigma_R)/\sqrt r`, :math:`D(X) = X R`, :math:`E(Y) = Y R^\top` (drawn on the weight's device in w). Then
+(c = ``betas[1]``, 0.8). Factored (a matrix, ``factorize_second_moment``):
+:math:`a \leftarrow \hat\beta_t a + (1-\hat\beta_t)\,\mathrm{mean}_{cols} Q` (m numbers),
+:math:`b \leftarrow \hat\beta_t b + (1-\hat\beta_t)\,\mathrm{mean}_{rows} Q` (n numbers),
+:math:`U = G \odot (a/\bar a)^{-1/2} \otimes b^{-1/2}`; otherwise
+:math:`v \leftarrow \hat\beta_t v + (1-\hat\beta_t) Q`, :math:`U = G/\sqrt v`. The momentum is of U.
+
+A matrix m x n is *compressible* when it is factored, :math:`\beta_1 > 0`, :math:`\min(m,n) \ge r` and
+:math:`\max/\min \le 4`. Its momentum is :math:`C` (r x n for m < n, else m x r) in the subspace of seed σ:
+from σ, :math:`(\sigma_L, \sigma_R)` = two ``randint(0, 2^63-1)`` draws of a CPU generator seeded σ;
+m < n: :math:`L = \mathrm{randn}(r, m; \sigma_L)/\sqrt r`, :math:`D(X) = L X`, :math:`E(Y) = L^\top Y`;
+else :math:`R = \mathrm{randn}(n, r; \sigma_R)/\sqrt r`, :math:`D(X) = X R`, :math:`E(Y) = Y R^\top`
+(drawn on the weight's device in w). Then
 
 .. math::
     \tilde U = (1-\beta_1) U + \beta_1 E_\sigma(C);\quad
     \text{if } t \bmod \kappa = 0:\ \sigma' = \mathrm{next}(\sigma),\ C \leftarrow D_{\sigma'}(E_\sigma(C)),\
     \sigma \leftarrow \sigma';\quad C \leftarrow \beta_1 C + (1-\beta_1) D_\sigma(U)
 
-(next: `apollo.projection.advance_seed`, the last of 15 draws). Any other tensor with :math:`\beta_1 > 0`:
+(κ = ``update_proj_gap``, 1000; C starts at 0, so :math:`\tilde U_1 = (1-\beta_1) U_1`, no bias correction;
+next: `apollo.projection.advance_seed`, the last of 15 draws). Any other tensor with :math:`\beta_1 > 0`:
 :math:`M \leftarrow \beta_1 M + (1-\beta_1) U`, :math:`\tilde U = M`; :math:`\beta_1 = 0`: :math:`\tilde U = U`.
 Finally, with :math:`\mathrm{rms}(X) = \|X\|_2/\sqrt{|X|}`, d = ``clip_threshold``,
 :math:`\rho_t = \eta_t \max(\epsilon_2, \mathrm{rms}(W))` (``scale_parameter``; else :math:`\eta_t`):
