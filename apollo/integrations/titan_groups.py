@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .. import adam_mini, adamw8bit, factory, fira, muon, scale, soap
+from .. import adam_mini, adamw8bit, factory, fira, flora, muon, scale, soap
 from ..optimizer import APOLLO, GaLore
 from ..registry import canonical_name
 
@@ -89,6 +89,7 @@ CONSTRUCTORS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam_mini": adam_mini.AdamMini,
     "soap": soap.SOAP,
     "adamw8bit": _adamw8bit,
+    "flora": flora.Flora,
 }
 
 
@@ -155,7 +156,8 @@ def group_plan(name: str, lr: float, weight_decay: float = 0.0, *, fqns: FqnPatt
     is refused.
 
     Covered: adamw, adamw8bit, the low-rank family (apollo, apollo_mini, apollo_svd, galore, fira), muon,
-    soap and scale (untied heads: a tied head is no parameter of its own, and its pattern would match
+    soap, flora (its groups in the model's parameter order: a parameter's position seeds its projection) and
+    scale (untied heads: a tied head is no parameter of its own, and its pattern would match
     nothing). adam_mini's blocks follow q/k/v projections and head counts (torchtitan fuses wqkv): give
     its ``ParamGroupConfig`` entries by hand (the container builds any registered name).
     """
@@ -181,6 +183,14 @@ def group_plan(name: str, lr: float, weight_decay: float = 0.0, *, fqns: FqnPatt
     if key == "soap":
         _check(key, options, soap.OPTIONS)
         return [config(_not(fqns.vectors), name="rotated"), config(fqns.vectors, name="adam")], options
+    if key == "flora":
+        _check(key, options, flora.OPTIONS)
+        constructor = {**flora.DEFAULTS, **options}
+        if constructor["rank"] is None:
+            if hidden_size is None:
+                raise ValueError("flora: give rank, or hidden_size to take a quarter of")
+            constructor["rank"] = max(1, hidden_size // 4)
+        return [config(_not(fqns.vectors), name="matrices"), config(fqns.vectors, name="vectors")], constructor
     if key == "scale":
         _check(key, options, scale.OPTIONS)
         settings = {**scale.DEFAULTS, **options}

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from train import __main__ as cli
+from train.optimizer_flags import FLAG_OPTIONS
 from train.config import ConfigError, TrainConfig, build_parser, optimizer_options, parse_args, parse_tokens, resolve
 from tests.train.test_cli import write_tiny_config
 
@@ -56,8 +57,8 @@ def test_optimizer_options_pass_only_what_was_set(flags, expected):
 
 
 @pytest.mark.parametrize("flags, error", [
-    ("--optimizer adamw --rank 128", "--rank does not apply to --optimizer adamw (it is used by apollo, apollo_mini, "
-                                     "apollo_svd, galore, fira)"),
+    ("--optimizer adamw --rank 128", "--rank does not apply to --optimizer adamw (it is used by "
+                                     f"{', '.join(FLAG_OPTIONS['rank'])})"),  # the registry's takers, in its order
     ("--optimizer adamw --scale_front", "--scale_front does not apply to --optimizer adamw"),
     ("--optimizer apollo --galore_scale 0.25", "--galore_scale does not apply to --optimizer apollo (it is used by galore)"),
     ("--optimizer galore --apollo_scale 2", "--apollo_scale does not apply to --optimizer galore"),

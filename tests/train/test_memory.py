@@ -181,11 +181,13 @@ def _measured_step_scratch(name, dtype, options):
     # a refresh (its SVD: what the estimate counts) at every step; slow: the peer test covers Fira by default
     pytest.param("fira", "float32", {"rank": 32, "options": {"update_proj_gap": 1}}, marks=pytest.mark.slow),
     ("soap", "float32", {"options": {"precondition_frequency": 1, "max_precond_dim": 200}}),  # 500 x 128: 128 side only
+    ("flora", "float32", {"rank": 32, "options": {"update_proj_gap": 1}}),  # every matrix compressed, re-drawn each step
     pytest.param("muon", "bfloat16", {}, marks=pytest.mark.slow),
     pytest.param("scale", "bfloat16", {}, marks=pytest.mark.slow),
     pytest.param("adam_mini", "bfloat16", {}, marks=pytest.mark.slow),
     pytest.param("fira", "bfloat16", {"rank": 32, "options": {"update_proj_gap": 1}}, marks=pytest.mark.slow),
     pytest.param("soap", "bfloat16", {"options": {"precondition_frequency": 1}}, marks=pytest.mark.slow),
+    pytest.param("flora", "bfloat16", {"rank": 200}, marks=pytest.mark.slow),  # 128 < r: full momenta, float32 work
 ])
 def test_update_scratch_matches_the_measured_step(name, dtype, options):
     """The optimizer step alone: the allocator's peak during step() against the estimator's update scratch."""

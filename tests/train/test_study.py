@@ -15,6 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+import apollo
+from train.optimizer_flags import FLAG_OPTIONS
+
 from tests.train.test_cli import REPO_ROOT as REPO, write_tiny_config
 from train import study
 from train.study import report as study_report
@@ -83,8 +86,7 @@ BAD_SPECS = [
     (dict(top='colour = "red"'), "unknown key 'colour' (the spec's keys: common, evals, memory_device, models, "
                                 "optimizers, out, saves, seeds, stages, warmup_fraction)"),
     (dict(optimizers="[optimizers.adamx]\nlr = [0.01]"),
-     "optimizers.adamx: unknown optimizer (one of adamw, apollo, apollo_mini, apollo_svd, galore, fira, scale, muon, "
-     "adam_mini, soap, adamw8bit)"),
+     f"optimizers.adamx: unknown optimizer (one of {', '.join(apollo.optimizer_names())})"),  # the registry's
     (dict(optimizers="[optimizers.adamw]\nlr = [0.01]\nlearning_rate = 3"),
      "optimizers.adamw: unknown trainer flag 'learning_rate' (see python -m train --help)"),
     (dict(optimizers="[optimizers.adamw]\nlr = []"), "optimizers.adamw.lr: an empty grid"),
@@ -92,8 +94,8 @@ BAD_SPECS = [
     (dict(optimizers="[optimizers.adamw]\nweight_decay = 0.1"),
      "optimizers.adamw: needs an lr grid, e.g. lr = [1e-3, 2e-3, 4e-3]"),
     (dict(optimizers="[optimizers.adamw]\nlr = [0.01]\nrank = [2, 4]"),
-     "optimizers.adamw.rank: --rank does not apply to --optimizer adamw (it is used by apollo, apollo_mini, "
-     "apollo_svd, galore, fira)"),
+     f"optimizers.adamw.rank: --rank does not apply to --optimizer adamw (it is used by "
+     f"{', '.join(FLAG_OPTIONS['rank'])})"),
     (dict(common="muon_momentum = 0.9"),
      "common.muon_momentum: --muon_momentum does not apply to --optimizer adamw (it is used by muon)"),
     (dict(common="seed = 3"), "common: seed is set by the study for each run; leave it out"),

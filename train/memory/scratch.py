@@ -31,6 +31,10 @@ not zero: the planner would otherwise credit it with a free step.
                (both sides: 1.8 w m n + 4 w k^2 + the other new basis; one: w m n + 5 w k^2, measured)
                or m rotated into the new basis ((1 + sides) w m n); the statistics G G^T (w m^2).
                8-bit AdamW (bitsandbytes): in place on CUDA; the CPU kernel works in float32 blocks.
+               Flora (w = max(p, 4) the working bytes): a compressed momentum U and E(C) (2 w n) beside P
+               and D(.) (w (r min(m, n) + |C|)); a factored full momentum U beside G^2's means
+               (w (n + m + n')); unfactored U and sqrt(v) (2 w n); + the gradient and weight in w
+               (2 w n) for half-precision weights, + w copies of every state when kept in p.
 
 Each model is checked against a measured CPU step (tests/train/test_memory.py).
 """
@@ -184,6 +188,26 @@ def _adamw8bit_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, d
     return 5 * 4 * n + (4 * n if p != 4 else 0)
 
 
+def _flora_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
+    """apollo.flora.flora_update, measured on the CPU (tests/train/test_memory.py): module docstring."""
+    from apollo.flora import compressed_shape, compressible
+
+    n, shape, w = param.numel(), tuple(param.shape), max(p, 4)
+    s = _state_bytes(group, p)
+    beta1, rank = group["betas"][0], group.get("rank")
+    factored = group.get("factorize_second_moment", True) and param.dim() >= 2
+    momentum = 0 if beta1 == 0.0 else n
+    if compressible(shape, rank, factored=factored, beta1=beta1):
+        compressed = math.prod(compressed_shape(shape, rank))
+        work, states = 2 * w * n + w * (rank * min(shape) + compressed), compressed + sum(shape)
+    elif factored:
+        means = n // shape[-1] + n // shape[-2]
+        work, states = w * (n + means), momentum + means
+    else:
+        work, states = 2 * w * n, momentum + n
+    return work + (2 * w * n if p != w else 0) + (w * states if s != w else 0)
+
+
 def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: int,
                             device: str = "cuda") -> tuple[int, int, int, int, int]:
     """Bytes of one float weight in apollo's fused low-rank step (apollo/fused.py), by phase of its chunk:
@@ -241,6 +265,7 @@ SCRATCH: dict[str, ScratchModel] = {
     "adam_mini": _adam_mini_scratch,
     "soap": _soap_scratch,
     "adamw8bit": _adamw8bit_scratch,
+    "flora": _flora_scratch,
 }
 
 
