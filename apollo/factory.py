@@ -85,6 +85,14 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, **option
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
+def adamw_from_groups(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+    """torch.optim.AdamW over explicit groups as `build_adamw` makes it: the fused kernel when every parameter is on CUDA."""
+    params = [p for group in groups for p in group["params"]]
+    if params and all(p.device.type == "cuda" for p in params):
+        kwargs.setdefault("fused", True)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
 ADAMW_OPTIONS = frozenset({"betas", "eps", "state_dtype"})
 LOWRANK_OPTIONS = {key: frozenset(_OPTIMIZER_KEYS | keys) for key, keys in _LOWRANK_KEYS.items()}
 
@@ -132,17 +140,18 @@ SPECS = (
     OptimizerSpec("adamw", build_adamw, ADAMW_OPTIONS, "torch.optim.AdamW over every parameter (fused kernel on CUDA)",
                   states_follow_weights=True,  # torch's AdamW keeps its moments in the weights' dtype
                   refuses={"weight_quant": "torch.optim.AdamW cannot update int8 weights"},
+                  from_groups=adamw_from_groups,
                   smoke_lr=3e-3, smoke_flags={"lr": 0.003}),
     OptimizerSpec("apollo", partial(build_low_rank, "apollo"), LOWRANK_OPTIONS["apollo"],
                   "APOLLO: random rank-r projection, channel-wise scaling of the raw gradient",
-                  aliases=("apollo_adamw",), flags=_APOLLO_FLAGS, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
+                  aliases=("apollo_adamw",), flags=_APOLLO_FLAGS, from_groups=APOLLO, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
     OptimizerSpec("apollo_mini", partial(build_low_rank, "apollo_mini"), LOWRANK_OPTIONS["apollo"],
-                  "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128", flags=_APOLLO_FLAGS,
+                  "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128", flags=_APOLLO_FLAGS, from_groups=APOLLO,
                   smoke_options={"update_proj_gap": 2}, smoke_flags={"update_proj_gap": 2}),
     OptimizerSpec("apollo_svd", partial(build_low_rank, "apollo_svd"), LOWRANK_OPTIONS["apollo"],
-                  "APOLLO with GaLore's SVD projection", flags=_APOLLO_FLAGS, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
+                  "APOLLO with GaLore's SVD projection", flags=_APOLLO_FLAGS, from_groups=APOLLO, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
     OptimizerSpec("galore", partial(build_low_rank, "galore"), LOWRANK_OPTIONS["galore"],
-                  "GaLore: Adam in an SVD subspace, projected back", aliases=("galore_adamw",),
+                  "GaLore: Adam in an SVD subspace, projected back", aliases=("galore_adamw",), from_groups=GaLore,
                   flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type",
                          "galore_scale": "scale"}, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
 )

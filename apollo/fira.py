@@ -249,7 +249,7 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
 
 SPEC = OptimizerSpec(
     "fira", build, OPTIONS, "Fira: GaLore + the norm-scaled residual outside the subspace, limiter on the residual",
-    aliases=("fira_adamw",),
+    aliases=("fira_adamw",), from_groups=Fira,
     flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type", "fira_alpha": "alpha",
            "fira_paper_form": "paper_form"},
     smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2, "fira_alpha": 0.25},

@@ -375,7 +375,7 @@ SPEC = OptimizerSpec(
     "flora", build, OPTIONS,
     "Flora: Adafactor with its momentum in a seeded random rank-r subspace, re-drawn every kappa steps",
     flags={"rank": "rank", "update_proj_gap": "update_proj_gap"},  # κ: the harness's name for the refresh gap
-    default_betas=(0.9, 0.8),  # (beta1, c): beta2 is Adafactor's decay exponent, beta_hat_t = 1 - t^(-c)
+    default_betas=(0.9, 0.8), from_groups=Flora,  # (beta1, c): beta2 is Adafactor's decay exponent, beta_hat_t = 1 - t^(-c)
     refuses={"weight_quant": "Flora has no int8 weight path",
              "fsdp": "Flora's factored second moment and projections need whole matrices (no DTensor path)"},
     # rank 4 with the relative step is too noisy for a loss test on the tiny model; kappa 2 re-draws at the save

@@ -309,7 +309,7 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
 
 SPEC = OptimizerSpec(
     "scale", build, OPTIONS, "SCALE: column-normalised SGD, lm_head momentum, AdamW for the norms (no state per matrix)",
-    aliases=("scale_sgd",),
+    aliases=("scale_sgd",), from_groups=SCALE,
     flags={"adam_lr": "adam_lr", "scale_momentum": "momentum", "scale_norm": "norm"},
     smoke_options={"adam_lr": 1e-2}, smoke_flags={"lr": 0.003, "adam_lr": 0.01},
 )

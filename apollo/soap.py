@@ -394,6 +394,7 @@ SPEC = OptimizerSpec(
     flags={"soap_precondition_frequency": "precondition_frequency", "soap_max_precond_dim": "max_precond_dim",
            "soap_shampoo_beta": "shampoo_beta"},
     default_betas=(0.95, 0.95),  # SOAP.__init__'s defaults (tested against them)
+    from_groups=SOAP,
     refuses={"weight_quant": "SOAP has no int8 weight path",
              "fsdp": "SOAP's preconditioners need whole matrices (no gathered update yet)"},
     smoke_lr=3e-3, smoke_options={"precondition_frequency": 2},

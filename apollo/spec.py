@@ -35,6 +35,8 @@ class OptimizerSpec:
     default_betas: what it uses when ``--beta1/--beta2`` are not given.
     states_follow_weights: its states always take the weights' dtype (no float32 states for bf16 weights).
     refuses: mode (one of `MODES`) -> why it cannot run in it.
+    from_groups: the optimizer over explicit param groups, ``from_groups(groups, **kwargs)`` (its class, or a
+    function that builds it as ``build`` does): how integrations that make their own groups construct it.
     smoke_lr, smoke_options: an lr and options that train a tiny LLaMA in a few updates and reach the
     optimizer's periodic work (a projection or basis refresh every 2 updates): what the contract tests
     (tests/apollo/test_contract.py) and the CLI smoke runs use. smoke_flags: the training CLI flags of the
@@ -51,6 +53,7 @@ class OptimizerSpec:
     default_betas: tuple[float, float] = STANDARD_BETAS
     states_follow_weights: bool = False
     refuses: Mapping[str, str] = field(default_factory=dict)
+    from_groups: Callable[..., torch.optim.Optimizer] | None = None
     smoke_lr: float = 1e-2
     smoke_options: Mapping[str, Any] = field(default_factory=dict)
     smoke_flags: Mapping[str, Any] = field(default_factory=dict)

@@ -24,14 +24,14 @@ without torchtitan (tests/apollo/test_torchtitan_routing.py does that against `b
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 
-from .. import adam_mini, adamw8bit, factory, fira, flora, muon, scale, soap
-from ..optimizer import APOLLO, GaLore
-from ..registry import canonical_name
+from .. import adamw8bit, factory, fira, flora, muon, scale, soap
+from ..registry import REGISTRY, canonical_name
 
 @dataclass(frozen=True)
 class FqnPatterns:
@@ -63,34 +63,25 @@ HF_LLAMA = FqnPatterns(
 _DROPPED_GROUP_KEYS = ("fused", "foreach")  # torchtitan's implementation flags, meant for torch's Adam/AdamW
 
 
-def _adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
-    """torch.optim.AdamW as `factory.build_adamw` makes it: the fused kernel when every parameter is on CUDA."""
-    params = [p for group in groups for p in group["params"]]
-    if params and all(p.device.type == "cuda" for p in params):
-        kwargs.setdefault("fused", True)
-    return torch.optim.AdamW(groups, **kwargs)
+class _Constructors(Mapping):
+    """Registered name -> ``spec.from_groups`` (the class or function its builder constructs, called as
+    ``cls(groups, **kwargs)``), recomputed from the registry at each use."""
+
+    def _table(self) -> dict[str, Callable[..., torch.optim.Optimizer]]:
+        return {name: spec.from_groups for name, spec in REGISTRY.items() if spec.from_groups is not None}
+
+    def __getitem__(self, key):
+        return self._table()[key]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
 
 
-def _adamw8bit(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
-    return adamw8bit.optimizer_class()(groups, **kwargs)  # bitsandbytes imported on first use only
-
-
-#: Registered name -> the class (or factory) its builder constructs, called as ``cls(groups, **kwargs)``.
 #: tests/apollo/test_torchtitan_routing.py checks this covers `apollo.optimizer_names()` exactly.
-CONSTRUCTORS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": _adamw,
-    "apollo": APOLLO,
-    "apollo_mini": APOLLO,
-    "apollo_svd": APOLLO,
-    "galore": GaLore,
-    "fira": fira.Fira,
-    "scale": scale.SCALE,
-    "muon": muon.MuonAdamW,
-    "adam_mini": adam_mini.AdamMini,
-    "soap": soap.SOAP,
-    "adamw8bit": _adamw8bit,
-    "flora": flora.Flora,
-}
+CONSTRUCTORS: Mapping[str, Callable[..., torch.optim.Optimizer]] = _Constructors()
 
 
 def build_from_groups(name: str, groups: Iterable[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
@@ -101,8 +92,7 @@ def build_from_groups(name: str, groups: Iterable[dict[str, Any]], **kwargs: Any
     """
     key = canonical_name(name)
     if key not in CONSTRUCTORS:
-        raise ValueError(f"optimizer {key!r} is registered but has no torchtitan constructor in "
-                         f"apollo.integrations.titan_groups.CONSTRUCTORS")
+        raise ValueError(f"optimizer {key!r} is registered but its OptimizerSpec has no from_groups constructor")
     preset = {k: v for k, v in factory.PRESETS.get(key, {}).items() if k != "rank"}
     built = []
     for group in groups:

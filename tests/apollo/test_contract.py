@@ -319,3 +319,21 @@ def test_loss_falls_on_a_repeated_batch(name, tiny_llama):
     assert losses[0] == pytest.approx(5.55, abs=0.1)  # ln(256)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.8 * losses[0], f"{name}: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_from_groups_rebuilds_the_optimizer_the_builder_made(name, tiny_llama):
+    """spec.from_groups (how integrations such as torchtitan construct it over their own groups) over the builder's
+    groups gives the same class and, over two steps, the same weights to the bit."""
+    spec = _spec(name)
+    assert spec.from_groups is not None, f"{name}: its spec has no from_groups"
+    built_model, rebuilt_model = tiny_llama(), tiny_llama()
+    built = _build(name, built_model)
+    by_id = {id(p): q for p, q in zip(built_model.parameters(), rebuilt_model.parameters())}
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [by_id[id(p)] for p in group["params"]]}
+              for group in built.param_groups]
+    rebuilt = spec.from_groups(groups, lr=spec.smoke_lr)
+    assert type(rebuilt) is type(built)
+    _train(built_model, built, 0, 2)
+    _train(rebuilt_model, rebuilt, 0, 2)
+    _assert_same_weights(built_model, rebuilt_model)
