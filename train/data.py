@@ -35,12 +35,10 @@ files with the same tokenizer, the two paths yield bit-identical batches, epoch 
 (tests/train/test_pretokenize.py); their checkpointed positions differ, so a run resumes in the format
 it was saved in.
 
-Token ids: t5-base's SentencePiece pieces are ids 0..31999; its 100 `<extra_id_N>` tokens (32000..32099)
-come out only where a document contains that literal text (none of the local C4 sample does; C4's 365M
-documents surely do), and would index past the protocol's vocab-32000 embeddings. Given the model's
-`vocab_size`, both loaders map every id >= vocab_size to the tokenizer's `<unk>` (inputs and labels) and
-count them (`TrainLoader.unk_mapped`, kept in its state; `EvalResult.unk_mapped`): the run logs the count
-as `data/unk_mapped_tokens` instead of crashing (`IndexError`, or a device-side assert on a GPU).
+Token ids: t5-base's 100 `<extra_id_N>` tokens (32000..32099) come out where a document contains that literal
+text (C4's 365M documents surely do) and would index past the vocab-32000 embeddings. Given the model's
+`vocab_size`, both loaders map every id >= it to `<unk>` (inputs and labels) and count them
+(`TrainLoader.unk_mapped`, kept in its state; eval batches' `unk_mapped`), logged as `data/unk_mapped_tokens`.
 """
 from __future__ import annotations
 
