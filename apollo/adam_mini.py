@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from . import scratch
 from .spec import OptimizerSpec
 from . import quant, sharded
 from .base import BaseOptimizer, check_hyperparameters
@@ -322,4 +323,4 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
 
 
 SPEC = OptimizerSpec("adam_mini", build, OPTIONS, "Adam-mini: one second moment per block (head, row, token, tensor)",
-                     from_groups=AdamMini, smoke_lr=3e-3, smoke_flags={"lr": 0.003})
+                     from_groups=AdamMini, scratch_bytes=scratch.adam_mini, smoke_lr=3e-3, smoke_flags={"lr": 0.003})

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import scratch
 from .spec import OptimizerSpec
 from . import quant, sharded
 from .base import CheckedGroups, check_hyperparameters
@@ -159,7 +160,7 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
 SPEC = OptimizerSpec(
     "adamw8bit", build, OPTIONS, "bitsandbytes' 8-bit AdamW (optional dependency: pip install -e .[bnb])",
     states_follow_weights=True,  # bitsandbytes' 8-bit codes
-    from_groups=lambda groups, **kwargs: optimizer_class()(groups, **kwargs),  # bitsandbytes imported on first use
+    from_groups=lambda groups, **kwargs: optimizer_class()(groups, **kwargs), scratch_bytes=scratch.adamw8bit,  # bitsandbytes imported on first use
     refuses={"weight_quant": "8-bit AdamW quantises states, not weights; it cannot update int8 weights",
              "fsdp": "bitsandbytes' 8-bit states do not shard as DTensors"},
     smoke_lr=3e-3, smoke_flags={"lr": 0.003},

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import scratch
 from .spec import OptimizerSpec
 from .optimizer import APOLLO, GaLore
 from .quant import is_quantized
@@ -140,18 +141,18 @@ SPECS = (
     OptimizerSpec("adamw", build_adamw, ADAMW_OPTIONS, "torch.optim.AdamW over every parameter (fused kernel on CUDA)",
                   states_follow_weights=True,  # torch's AdamW keeps its moments in the weights' dtype
                   refuses={"weight_quant": "torch.optim.AdamW cannot update int8 weights"},
-                  from_groups=adamw_from_groups,
+                  from_groups=adamw_from_groups, scratch_bytes=scratch.adamw,
                   smoke_lr=3e-3, smoke_flags={"lr": 0.003}),
     OptimizerSpec("apollo", partial(build_low_rank, "apollo"), LOWRANK_OPTIONS["apollo"],
                   "APOLLO: random rank-r projection, channel-wise scaling of the raw gradient",
-                  aliases=("apollo_adamw",), flags=_APOLLO_FLAGS, from_groups=APOLLO, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
+                  aliases=("apollo_adamw",), flags=_APOLLO_FLAGS, from_groups=APOLLO, scratch_bytes=scratch.low_rank_family, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
     OptimizerSpec("apollo_mini", partial(build_low_rank, "apollo_mini"), LOWRANK_OPTIONS["apollo"],
-                  "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128", flags=_APOLLO_FLAGS, from_groups=APOLLO,
+                  "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128", flags=_APOLLO_FLAGS, from_groups=APOLLO, scratch_bytes=scratch.low_rank_family,
                   smoke_options={"update_proj_gap": 2}, smoke_flags={"update_proj_gap": 2}),
     OptimizerSpec("apollo_svd", partial(build_low_rank, "apollo_svd"), LOWRANK_OPTIONS["apollo"],
-                  "APOLLO with GaLore's SVD projection", flags=_APOLLO_FLAGS, from_groups=APOLLO, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
+                  "APOLLO with GaLore's SVD projection", flags=_APOLLO_FLAGS, from_groups=APOLLO, scratch_bytes=scratch.low_rank_family, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
     OptimizerSpec("galore", partial(build_low_rank, "galore"), LOWRANK_OPTIONS["galore"],
-                  "GaLore: Adam in an SVD subspace, projected back", aliases=("galore_adamw",), from_groups=GaLore,
+                  "GaLore: Adam in an SVD subspace, projected back", aliases=("galore_adamw",), from_groups=GaLore, scratch_bytes=scratch.low_rank_family,
                   flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type",
                          "galore_scale": "scale"}, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
 )

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import scratch
 from .spec import OptimizerSpec
 from . import functional as F
 from .routing import DEFAULT_TARGETS
@@ -249,7 +250,7 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
 
 SPEC = OptimizerSpec(
     "fira", build, OPTIONS, "Fira: GaLore + the norm-scaled residual outside the subspace, limiter on the residual",
-    aliases=("fira_adamw",), from_groups=Fira,
+    aliases=("fira_adamw",), from_groups=Fira, scratch_bytes=scratch.fira,
     flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type", "fira_alpha": "alpha",
            "fira_paper_form": "paper_form"},
     smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2, "fira_alpha": 0.25},

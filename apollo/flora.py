@@ -64,6 +64,7 @@ from torch.optim import Optimizer
 
 from .projection import advance_seed
 from .routing import check_coverage, trainable
+from .scratch import state_number_bytes
 from .spec import OptimizerSpec
 from . import quant, sharded
 from .state_dtypes import STATE_DTYPES, restore_saved_dtypes, state_dtype_name
@@ -371,11 +372,32 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     return Flora(groups, lr=lr, weight_decay=weight_decay, **settings)
 
 
+def scratch_bytes(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
+    """The temporaries of `flora_update` for one parameter (bytes; its spec's scratch model, read by train.memory
+    and checked against a measured CPU step in tests/train/test_memory.py): the work copies in w = max(p, 4)
+    bytes of the gradient, U and the momentum (compressed: 2 w n + w (r min(m, n) + |C|)), float32 copies of a
+    half-precision gradient and weight, and of states kept in p bytes."""
+    n, shape, w = param.numel(), tuple(param.shape), max(p, 4)
+    s = state_number_bytes(group, p)
+    beta1, rank = group["betas"][0], group.get("rank")
+    factored = group.get("factorize_second_moment", True) and param.dim() >= 2
+    momentum = 0 if beta1 == 0.0 else n
+    if compressible(shape, rank, factored=factored, beta1=beta1):
+        compressed = math.prod(compressed_shape(shape, rank))
+        work, states = 2 * w * n + w * (rank * min(shape) + compressed), compressed + sum(shape)
+    elif factored:
+        means = n // shape[-1] + n // shape[-2]
+        work, states = w * (n + means), momentum + means
+    else:
+        work, states = 2 * w * n, momentum + n
+    return work + (2 * w * n if p != w else 0) + (w * states if s != w else 0)
+
+
 SPEC = OptimizerSpec(
     "flora", build, OPTIONS,
     "Flora: Adafactor with its momentum in a seeded random rank-r subspace, re-drawn every kappa steps",
     flags={"rank": "rank", "update_proj_gap": "update_proj_gap"},  # κ: the harness's name for the refresh gap
-    default_betas=(0.9, 0.8), from_groups=Flora,  # (beta1, c): beta2 is Adafactor's decay exponent, beta_hat_t = 1 - t^(-c)
+    default_betas=(0.9, 0.8), from_groups=Flora, scratch_bytes=scratch_bytes,  # (beta1, c): beta2 is Adafactor's decay exponent, beta_hat_t = 1 - t^(-c)
     refuses={"weight_quant": "Flora has no int8 weight path",
              "fsdp": "Flora's factored second moment and projections need whole matrices (no DTensor path)"},
     # rank 4 with the relative step is too noisy for a loss test on the tiny model; kappa 2 re-draws at the save

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import scratch
 from .spec import OptimizerSpec
 from . import quant, sharded
 from .base import BaseOptimizer, check_hyperparameters
@@ -350,7 +351,7 @@ SPEC = OptimizerSpec(
     "torch.optim.Muon on the decoder matrices + torch.optim.AdamW on embeddings, lm_head, norms",
     flags={"adam_lr": "adam_lr", "muon_momentum": "momentum", "muon_no_nesterov": "nesterov",
            "muon_adjust_lr": "adjust_lr_fn"},
-    negated_flags=frozenset({"muon_no_nesterov"}), from_groups=MuonAdamW,  # the flag turns Nesterov off: the option is its negation
+    negated_flags=frozenset({"muon_no_nesterov"}), from_groups=MuonAdamW, scratch_bytes=scratch.muon,  # the flag turns Nesterov off: the option is its negation
     states_follow_weights=True,  # torch's Muon and AdamW keep their states in the weights' dtype
     refuses={"weight_quant": "Newton-Schulz on re-quantised int8 weights is not a published method"},
     smoke_lr=0.02, smoke_options={"adam_lr": 3e-3}, smoke_flags={"lr": 0.02, "adam_lr": 0.003},

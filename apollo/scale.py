@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from . import scratch
 from .spec import OptimizerSpec
 from . import quant, sharded
 from .base import BaseOptimizer, check_hyperparameters
@@ -309,7 +310,7 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
 
 SPEC = OptimizerSpec(
     "scale", build, OPTIONS, "SCALE: column-normalised SGD, lm_head momentum, AdamW for the norms (no state per matrix)",
-    aliases=("scale_sgd",), from_groups=SCALE,
+    aliases=("scale_sgd",), from_groups=SCALE, scratch_bytes=scratch.scale,
     flags={"adam_lr": "adam_lr", "scale_momentum": "momentum", "scale_norm": "norm"},
     smoke_options={"adam_lr": 1e-2}, smoke_flags={"lr": 0.003, "adam_lr": 0.01},
 )

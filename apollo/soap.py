@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from . import scratch
 from .spec import OptimizerSpec
 from . import functional as F
 from . import quant, sharded
@@ -394,7 +395,7 @@ SPEC = OptimizerSpec(
     flags={"soap_precondition_frequency": "precondition_frequency", "soap_max_precond_dim": "max_precond_dim",
            "soap_shampoo_beta": "shampoo_beta"},
     default_betas=(0.95, 0.95),  # SOAP.__init__'s defaults (tested against them)
-    from_groups=SOAP,
+    from_groups=SOAP, scratch_bytes=scratch.soap,
     refuses={"weight_quant": "SOAP has no int8 weight path",
              "fsdp": "SOAP's preconditioners need whole matrices (no gathered update yet)"},
     smoke_lr=3e-3, smoke_options={"precondition_frequency": 2},

@@ -37,6 +37,9 @@ class OptimizerSpec:
     refuses: mode (one of `MODES`) -> why it cannot run in it.
     from_groups: the optimizer over explicit param groups, ``from_groups(groups, **kwargs)`` (its class, or a
     function that builds it as ``build`` does): how integrations that make their own groups construct it.
+    scratch_bytes: its memory model, ``scratch_bytes(param, group, *, name, p, device)`` -> bytes of the
+    temporaries one parameter's update allocates (apollo/scratch.py has the derivations); train.memory refuses
+    an optimizer without one.
     smoke_lr, smoke_options: an lr and options that train a tiny LLaMA in a few updates and reach the
     optimizer's periodic work (a projection or basis refresh every 2 updates): what the contract tests
     (tests/apollo/test_contract.py) and the CLI smoke runs use. smoke_flags: the training CLI flags of the
@@ -54,6 +57,7 @@ class OptimizerSpec:
     states_follow_weights: bool = False
     refuses: Mapping[str, str] = field(default_factory=dict)
     from_groups: Callable[..., torch.optim.Optimizer] | None = None
+    scratch_bytes: Callable[..., int] | None = None
     smoke_lr: float = 1e-2
     smoke_options: Mapping[str, Any] = field(default_factory=dict)
     smoke_flags: Mapping[str, Any] = field(default_factory=dict)

@@ -113,13 +113,13 @@ def test_every_registered_optimizer_has_an_update_scratch_model():
 
 
 def test_an_optimizer_without_a_scratch_model_is_an_error_not_zero(monkeypatch, capsys):
-    """A newly registered optimizer with no entry in train/memory/scratch.py's SCRATCH: the estimate raises
+    """A newly registered optimizer whose spec has no scratch model: the estimate raises
     (the planner would otherwise credit it with a free update), and the CLI says where to add it, exit 2."""
     entry = apollo.OptimizerSpec("dummy_sgd", lambda model, lr, weight_decay: torch.optim.SGD(model.parameters(), lr=lr),
                                  frozenset(), "plain SGD, registered by this test")
     monkeypatch.setitem(apollo.registry.REGISTRY, "dummy_sgd", entry)
-    line = ("train.memory has no update-scratch model for optimizer 'dummy_sgd': add its "
-            "scratch_bytes(param, group, *, name, p, device) to SCRATCH in train/memory/scratch.py")
+    line = ("train.memory has no update-scratch model for optimizer 'dummy_sgd': give its OptimizerSpec "
+            "a scratch_bytes(param, group, *, name, p, device)")
     with pytest.raises(ValueError) as error:
         _estimate(optimizer="dummy_sgd")
     assert str(error.value) == line

@@ -1,57 +1,50 @@
-r"""The update's scratch: temporaries one optimizer step allocates beside its state, per optimizer.
-
-`SCRATCH` is a table: optimizer name -> `scratch_bytes(param, group, *, name, p, device)`, the bytes of
-one parameter's update (its param group `group`, p bytes per weight element, s of the state, n its size,
-m x n a matrix, k = min(m, n)). An optimizer without an entry is an error (`update_scratch` raises),
-not zero: the planner would otherwise credit it with a free step.
-
-               APOLLO/GaLore fused path (float weights, apollo/fused.py): regular parameters none (torch's
-               fused AdamW kernel, in place) unless the state dtype differs from the weights' (then the
-               plain spec AdamW, n (s + p)); low-rank weights a chunk at a time: P (p |P|), R and the
-               direction (s |R| each) of every weight of the chunk + one weight's transient (P drawn in
-               float32, the SVD 4 (n + m k + k n) at a refresh, GaLore's back-projection p n). int8
-               weights take the plain path: APOLLO 2 p n (bf16: 6 n), GaLore/SVD as above, + their
-               float32 copy 4 n, re-quantised in place (+ n for q, + 4 n of noise when stochastic).
-               torch AdamW 2 p n on the CPU, on CUDA p N_all (its foreach path takes sqrt(v) of every
-               parameter at once).
-               Fira: the SVD at a refresh as GaLore, else R (p |R|), Adam's direction (s |R|), the
-               residual G - alpha B(R) (p n) and B(direction) (p n); on the CPU a half-precision
-               product is formed in float32 (4 (n + |P| + |R|)).
-               SCALE: none for a matrix (the update is one in-place addcmul), but a half-precision
-               gradient's norms read a float32 copy (4 n); lm_head's momentum as a matrix, the norms'
-               AdamW s n (sqrt v) + s n when casting.
-               Muon (torch.optim.Muon): Nesterov's U (p n), then Newton-Schulz in bfloat16 on the
-               matrix transposed to k x max(m, n): X (2 n) and at its worst the next X beside A, B
-               (k x k each): max(2 n + 6 k^2, 4 n + 4 k^2); the AdamW part as torch AdamW.
-               Adam-mini: a block's mean square is a norm (a half-precision gradient read in float32:
-               4 n), the denominator per block (2 s n only for elementwise blocks).
-               SOAP (per m x n, w = 4 the compute bytes): the state in float32 when kept in bf16
-               (w (2 m n + 2 m^2 + 2 n^2)) and G (w m n); the direction Q_L (M/(sqrt V + eps)) Q_R^T
-               ((1 + sides) w m n) or, at a basis refresh, m in the weight basis + the power step and QR
-               (both sides: 1.8 w m n + 4 w k^2 + the other new basis; one: w m n + 5 w k^2, measured)
-               or m rotated into the new basis ((1 + sides) w m n); the statistics G G^T (w m^2).
-               8-bit AdamW (bitsandbytes): in place on CUDA; the CPU kernel works in float32 blocks.
-               Flora (w = max(p, 4) the working bytes): a compressed momentum U and E(C) (2 w n) beside P
-               and D(.) (w (r min(m, n) + |C|)); a factored full momentum U beside G^2's means
-               (w (n + m + n')); unfactored U and sqrt(v) (2 w n); + the gradient and weight in w
-               (2 w n) for half-precision weights, + w copies of every state when kept in p.
-
-Each model is checked against a measured CPU step (tests/train/test_memory.py).
+r"""The update's scratch in the estimate: each optimizer's model comes from its spec
+(`apollo.spec.OptimizerSpec.scratch_bytes`; the models and their derivations are in apollo/scratch.py and
+beside each optimizer's math). An optimizer without one is an error (`update_scratch` raises), not zero: the
+planner would otherwise credit it with a free step. Here: int8 weights' extra copies, torch AdamW's CUDA
+foreach path and the fused low-rank chunk, which depend on the whole step rather than one parameter.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 
-from apollo.fused import step_chunks
-from apollo.projection import projected_shape, projection_shape, projection_side
+import apollo
+from apollo import scratch as models
 from apollo.quant import is_quantized
 from train.memory.meta import _grad_bytes
 
 #: the signature of a scratch model: (param, group, *, name, p, device) -> bytes of one parameter's update
 ScratchModel = Callable[..., int]
+
+# Old private names of the models, kept importable (tests and callers reached them as train.memory._x)
+_adamw_scratch, _mixed, _state_bytes = models.adamw, models.mixed, models.state_number_bytes
+_low_rank_family_scratch, _fused_low_rank_scratch, fused_step_scratch = (models.low_rank_family, models.fused_low_rank,
+                                                                          models.fused_step)
+_fira_scratch, _scale_scratch, _muon_scratch = models.fira, models.scale, models.muon
+_adam_mini_scratch, _soap_scratch, _adamw8bit_scratch = models.adam_mini, models.soap, models.adamw8bit
+
+
+class _SpecScratch(Mapping):
+    """optimizer name -> its spec's scratch model (registered optimizers that have one), live."""
+
+    def _table(self) -> dict[str, ScratchModel]:
+        return {name: spec.scratch_bytes for name, spec in apollo.REGISTRY.items() if spec.scratch_bytes is not None}
+
+    def __getitem__(self, key):
+        return self._table()[key]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+#: optimizer name -> the scratch model of one parameter's update (a view of the specs)
+SCRATCH: Mapping[str, ScratchModel] = _SpecScratch()
 
 
 def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int, device: str,
@@ -62,8 +55,8 @@ def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int
     """
     model = SCRATCH.get(name)
     if model is None:
-        raise ValueError(f"train.memory has no update-scratch model for optimizer {name!r}: add its "
-                         f"scratch_bytes(param, group, *, name, p, device) to SCRATCH in train/memory/scratch.py")
+        raise ValueError(f"train.memory has no update-scratch model for optimizer {name!r}: give its OptimizerSpec "
+                         f"a scratch_bytes(param, group, *, name, p, device)")
     scratch = model(param, group, name=name, p=p, device=device)
     if is_quantized(param):  # the float32 copy, and dequantising / re-quantising it (a float32 temporary, q, noise)
         n = param.numel()
@@ -71,208 +64,10 @@ def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int
     return scratch
 
 
-def _adamw_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int, device: str) -> int:
-    """torch.optim.AdamW, per parameter: its CPU for-loop keeps two temporaries of the parameter's size (the
-    joint CUDA foreach case, sqrt of every second moment at once, is `step_scratch`'s)."""
-    return (1 if device == "cuda" else 2) * p * param.numel()
-
-
-def _mixed(n: int, out: int, operand: int) -> int:
-    """An in-place elementwise op into a tensor of `out` bytes per element from operands of another dtype:
-    on the CPU torch forms the result in float32 and reads a float32 copy (measured: 8 n; 4 n for add_)."""
-    return 8 * n if out != operand else 0
-
-
-def _state_bytes(group: dict, p: int) -> int:
-    return 4 if group.get("state_dtype") in ("float32", torch.float32) else p
-
-
-def _low_rank_family_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
-    """APOLLO, APOLLO-Mini, APOLLO-SVD, GaLore: regular parameters (no rank) as the spec AdamW, float low-rank
-    weights by the fused step (`fused_step_scratch` counts whole chunks), int8 ones by the plain path."""
-    n = param.numel()
-    s = _state_bytes(group, p)
-    quantized = is_quantized(param)
-    if group.get("rank") is None:
-        return 0 if s == p and not quantized else n * (s + (p if s != p else 0))
-    if not quantized:
-        proj_held, proj_transient, held, held_without_r, update = _fused_low_rank_scratch(
-            param, group, name=name, p=p, device=device)
-        return max(proj_held + proj_transient, held, held_without_r + update)
-    m, k = param.shape[0], min(param.shape)
-    svd = 4 * (n + m * k + k * param.shape[1]) + (4 * n if p != 4 else 0)
-    apollo_update = max(2 * p * n, p * n + (4 * n if p != 4 else 0))
-    if name == "galore":
-        return max(p * n, svd)
-    return max(apollo_update, svd if group.get("proj") == "svd" else 0)
-
-
-def _fira_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
-    n = param.numel()
-    s = _state_bytes(group, p)
-    if group.get("rank") is None:
-        return 0 if s == p and not is_quantized(param) else n * (s + (p if s != p else 0))
-    (m, cols), k = param.shape, min(param.shape)
-    side = projection_side(param.shape, group.get("proj_type", "std"))
-    r_size = math.prod(projected_shape(param.shape, group["rank"], side))
-    p_size = math.prod(projection_shape(param.shape, group["rank"], side))
-    svd = 4 * (n + m * k + k * cols) + (4 * n if p != 4 else 0)
-    # B(X) = P X (or X Q) in the gradient's dtype; on the CPU a half-precision product is formed in float32:
-    # float32 operands and result, then the cast
-    back = 4 * (p_size + r_size) + 4 * n + p * n if device == "cpu" and p == 2 else p * n
-    project = 4 * (n + p_size + r_size) + p * r_size if device == "cpu" and p == 2 else p * r_size
-    return max(svd, project,
-               p * r_size + s * r_size + back,  # R and its direction while the residual G - alpha B(R) is made
-               s * r_size + p * n + back)  # the direction and the residual while B(direction) is made
-
-
-def _scale_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
-    n = param.numel()
-    s = _state_bytes(group, p)
-    rule = group.get("rule")
-    upcast = 4 * n if p != 4 else 0  # vector_norm(dtype=float32) of a half-precision matrix reads a float32 copy
-    if rule == "column_norm":  # the factor is cast to the gradient's dtype: addcmul_ without a temporary
-        return upcast
-    if rule == "momentum_column_norm":  # the cast gradient, the norm of M, W.addcmul_(M, factor) across dtypes
-        return max(s * n if s != p else 0, 4 * n if s != 4 else 0, _mixed(n, p, s))
-    return max((s * n if s != p else 0) + s * n, _mixed(n, p, s))  # adamw: the cast gradient, sqrt(v)
-
-
-def _muon_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
-    n = param.numel()
-    if group.get("kind") != "muon":  # torch AdamW (per tensor on the CPU; the CUDA foreach case: step_scratch)
-        return _adamw_scratch(param, group, name=name, p=p, device=device)
-    k = min(param.shape)
-    nesterov = p * n if group.get("nesterov", True) else 0
-    newton_schulz = max(2 * 2 * n + 2 * 2 * k * k, 2 * n + 3 * 2 * k * k)  # bfloat16 X, X', A = X X^T, B
-    return nesterov + newton_schulz
-
-
-def _adam_mini_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
-    n = param.numel()
-    s = _state_bytes(group, p)
-    mixed = max(_mixed(n, p, s), 4 * n if s != p else 0)  # m += g across dtypes; W.addcdiv_(m, denom) across dtypes
-    if group.get("block") == "elementwise":
-        return max(2 * s * n, mixed)
-    return max(4 * n if s != p else 0, mixed)  # the block norms of a half-precision gradient read a float32 copy
-
-
-def _soap_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
-    n = param.numel()
-    s = _state_bytes(group, p)
-    w = max(s, 4)  # eigh/QR have no half-precision kernels: the work dtype is at least float32
-    if param.dim() != 2:
-        return (s * n if s != p else 0) + s * n  # functional.adamw_update: the cast gradient, sqrt(v)
-    m, cols = param.shape
-    limit = group.get("max_precond_dim", 10000)
-    sides = [size for size in (m, cols) if size <= limit]
-    squares = sum(size * size for size in sides)
-    held = (w * (2 * n + 2 * squares) if s != w else 0) + (w * n if p != w else 0)  # work copies of state and G
-    # M / (sqrt(V) + eps), then one product per rotated side (the previous result alive)
-    direction = (1 + max(len(sides), 1)) * w * n + (p * n if p != w else 0)
-    statistics = w * max(sides, default=0) ** 2
-    # a basis refresh: m in the weight basis (w m n) beside the power step L Q, its reordering, QR's Q and R
-    # (4-5 w k^2 measured), the other side's new basis while the second is made; then m rotated back
-    if len(sides) == 2:
-        refresh = int(1.8 * w * n) + max(4 * w * sides[0] ** 2, 4 * w * sides[1] ** 2 + w * sides[0] ** 2)
-    else:
-        refresh = w * n + 5 * w * max(sides, default=0) ** 2
-    return held + max(direction, statistics, refresh, (1 + len(sides)) * w * n)
-
-
-def _adamw8bit_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
-    n = param.numel()
-    if device == "cuda":
-        return 0  # bitsandbytes' CUDA kernel dequantises, updates and re-quantises in registers
-    # the CPU kernel, measured: five float32 tensors of the parameter's size (+ the gradient read in float32)
-    return 5 * 4 * n + (4 * n if p != 4 else 0)
-
-
-def _flora_scratch(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
-    """apollo.flora.flora_update, measured on the CPU (tests/train/test_memory.py): module docstring."""
-    from apollo.flora import compressed_shape, compressible
-
-    n, shape, w = param.numel(), tuple(param.shape), max(p, 4)
-    s = _state_bytes(group, p)
-    beta1, rank = group["betas"][0], group.get("rank")
-    factored = group.get("factorize_second_moment", True) and param.dim() >= 2
-    momentum = 0 if beta1 == 0.0 else n
-    if compressible(shape, rank, factored=factored, beta1=beta1):
-        compressed = math.prod(compressed_shape(shape, rank))
-        work, states = 2 * w * n + w * (rank * min(shape) + compressed), compressed + sum(shape)
-    elif factored:
-        means = n // shape[-1] + n // shape[-2]
-        work, states = w * (n + means), momentum + means
-    else:
-        work, states = 2 * w * n, momentum + n
-    return work + (2 * w * n if p != w else 0) + (w * states if s != w else 0)
-
-
-def _fused_low_rank_scratch(param: torch.Tensor, group: dict, *, name: str, p: int,
-                            device: str = "cuda") -> tuple[int, int, int, int, int]:
-    """Bytes of one float weight in apollo's fused low-rank step (apollo/fused.py), by phase of its chunk:
-
-    (P held, P transient) while the chunk's projections are made: a random P not stored (p |P|), drawn in
-    float32 and cast (+ 4 |P|); an SVD P is state, its refresh takes 4 (n + m k + k n) (+ 4 n to cast);
-    (held, held without R, transient) while the chunk is updated: P, R cast to the state dtype and the
-    normalised direction (s |R| each); GaLore frees R before it back-projects one weight at a time
-    (p n, + p |R| to cast the direction). On the CPU, half-precision matmuls run in float32
-    (fused.matmul_operands): the projection adds 4 (n + |P| + |R|) (not at rank 1), GaLore's back-projection
-    4 (|R| + |P| + n).
-    """
-    s = _state_bytes(group, p)
-    side = projection_side(param.shape, group.get("proj_type", "std"))
-    r_size = math.prod(projected_shape(param.shape, group["rank"], side))
-    p_size = math.prod(projection_shape(param.shape, group["rank"], side))
-    svd_kind = name == "galore" or group.get("proj") == "svd"
-    n, (m, cols), k = param.numel(), param.shape, min(param.shape)
-    proj_held = 0 if svd_kind or group.get("store_projection") else p * p_size
-    proj_transient = (4 * (n + m * k + k * cols) + (4 * n if p != 4 else 0) if svd_kind
-                      else (4 * p_size if p != 4 else 0))
-    update_transient = p * n + (p * r_size if s != p else 0) if name == "galore" else 0
-    if device == "cpu" and p == 2:
-        if group["rank"] > 1:  # a rank-1 projection stays in half precision (fused.projection_operands)
-            proj_transient = max(proj_transient, 4 * (n + p_size + r_size))
-        update_transient += 4 * (r_size + p_size + n) if name == "galore" else 0
-    return proj_held, proj_transient, proj_held + 2 * s * r_size, proj_held + s * r_size, update_transient
-
-
-def fused_step_scratch(group: dict, *, name: str, p: int, device: str = "cuda") -> int:
-    """The fused low-rank step's scratch for a param group: its largest chunk (`fused.step_chunks`: moment
-    numbers, and on the CPU gradient numbers too), at the larger of its two phases (`_fused_low_rank_scratch`)."""
-    params = [q for q in group["params"] if not is_quantized(q)]
-    if not params:
-        return 0
-    terms = [_fused_low_rank_scratch(q, group, name=name, p=p, device=device) for q in params]
-    sizes = [math.prod(projected_shape(q.shape, group["rank"], projection_side(q.shape, group.get("proj_type", "std"))))
-             for q in params]
-    return max(max(sum(t[0] for t in terms[a:b]) + max(t[1] for t in terms[a:b]),
-                   sum(t[2] for t in terms[a:b]),
-                   sum(t[3] for t in terms[a:b]) + max(t[4] for t in terms[a:b]))
-               for a, b in step_chunks(sizes, [q.numel() for q in params], torch.device(device)))
-
-
-#: optimizer name -> the scratch model of one parameter's update (module docstring)
-SCRATCH: dict[str, ScratchModel] = {
-    "adamw": _adamw_scratch,
-    "apollo": _low_rank_family_scratch,
-    "apollo_mini": _low_rank_family_scratch,
-    "apollo_svd": _low_rank_family_scratch,
-    "galore": _low_rank_family_scratch,
-    "fira": _fira_scratch,
-    "scale": _scale_scratch,
-    "muon": _muon_scratch,
-    "adam_mini": _adam_mini_scratch,
-    "soap": _soap_scratch,
-    "adamw8bit": _adamw8bit_scratch,
-    "flora": _flora_scratch,
-}
-
-
 def _torch_adamw(name: str, group: dict | None) -> bool:
     """Whether this parameter's update is torch AdamW's (the optimizer's own, or Muon's AdamW part)."""
     model = SCRATCH.get(name)
-    return model is _adamw_scratch or (model is _muon_scratch and (group or {}).get("kind") != "muon")
+    return model is models.adamw or (model is models.muon and (group or {}).get("kind") != "muon")
 
 
 def step_scratch(per_param, trainable: list[torch.Tensor], groups: dict[int, dict], param_groups: list[dict], *,
@@ -287,8 +82,8 @@ def step_scratch(per_param, trainable: list[torch.Tensor], groups: dict[int, dic
         joint = sum(_grad_bytes(q, p) for q in foreach_adamw)  # the foreach path takes sqrt(v) of all at once
         if joint >= scratch:
             scratch, note = joint, "torch AdamW (foreach): sqrt of every second moment at once"
-    if SCRATCH.get(name) is _low_rank_family_scratch:  # apollo/fused.py steps a chunk of weights at a time
-        chunked = max((fused_step_scratch(g, name=name, p=p, device=device)
+    if SCRATCH.get(name) is models.low_rank_family:  # apollo/fused.py steps a chunk of weights at a time
+        chunked = max((models.fused_step(g, name=name, p=p, device=device)
                        for g in param_groups if g.get("rank") is not None), default=0)
         if chunked > scratch:
             scratch, note = chunked, "the fused low-rank step's largest chunk (P, R, direction)"
