@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .factory import PRESETS, _default_rank
-from .optimizer import APOLLO, GaLore
+from .registry import REGISTRY
 from . import routing
 from .quant import is_quantized
 from .routing import ALL_LINEAR, TargetSpec
@@ -54,7 +54,7 @@ from .routing import ALL_LINEAR, TargetSpec
 logger = logging.getLogger(__name__)
 
 #: The optimizers this module builds itself (low-rank, with any target spec) and their classes.
-LOW_RANK = {"apollo": APOLLO, "apollo_mini": APOLLO, "apollo_svd": APOLLO, "galore": GaLore}
+LOW_RANK = {name: spec.from_groups for name, spec in REGISTRY.items() if name in PRESETS}
 
 #: TrainingArguments.optim -> (our name, the defaults transformers 5.24's own handler uses for it).
 TRAINER_OPTIMS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -112,14 +112,16 @@ def load_run(path: str | Path) -> Run:
 
 
 def _scale(config: dict[str, Any]) -> Any:
-    optimizer = config.get("optimizer")
-    if optimizer == "galore":
-        value = config.get("galore_scale")
-    elif optimizer in apollo.PRESETS:
-        value = config.get("apollo_scale")
-    else:
+    """The run's scale: the value of the flag its optimizer's spec maps to the "scale" option, else its preset's."""
+    try:
+        spec = apollo.get_spec(config.get("optimizer") or "")
+    except ValueError:
         return "-"
-    return value if value is not None else apollo.PRESETS[optimizer]["scale"]
+    flags = [flag for flag, option in spec.flags.items() if option == "scale"]
+    if not flags:
+        return "-"
+    value = config.get(flags[0])
+    return value if value is not None else apollo.PRESETS.get(spec.name, {}).get("scale", "-")
 
 
 def _rank(config: dict[str, Any]) -> Any:

@@ -83,7 +83,9 @@ def planner_statics(config, *, optimizers: list[str] | None = None, modes: list[
             key = (name, int8)
             if key not in cache:
                 try:
-                    own_rank = rank if name in LOW_RANK and name != "apollo_mini" else None  # Mini: rank 1 by definition
+                    # a preset with a fixed rank (APOLLO-Mini's 1) keeps it
+                    fixed = apollo.PRESETS.get(name, {}).get("rank") is not None
+                    own_rank = rank if name in LOW_RANK and not fixed else None
                     cache[key] = prepare(config, optimizer=name, rank=own_rank, dtype=dtype,
                                          state_dtype=state_dtype, device=device, world_size=world_size, fsdp=fsdp,
                                          fsdp_mixed_precision=fsdp_mixed_precision, weight_group_size=weight_group_size,
