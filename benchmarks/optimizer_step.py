@@ -225,9 +225,9 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
     ]
     for name, optimizer in normal.items():
         ms = median_ms[name]
+        ref = PUBLISHED.get(name.removesuffix(" (plain path)").removesuffix(" [compiled]"))
         vs_published = f"{ms / median_ms[ref]:.2f}" if ref in median_ms else "-"
         vs_floor = f"{ms / floor_ms:.2f}" if name.startswith("apollo") and "torch" not in name else "-"
-        ref = PUBLISHED.get(name.removesuffix(" (plain path)").removesuffix(" [compiled]"))
         if name in anchors.NOTES:
             vs_floor = "-"
         if name == "apollo regular group":  # its baseline is the fused kernel on the same (regular) tensors
