@@ -60,14 +60,14 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
+from .base import BaseOptimizer, check_hyperparameters
 from .projection import advance_seed
 from .routing import check_coverage, trainable
 from .scratch import state_number_bytes
 from .spec import OptimizerSpec
 from . import quant, sharded
-from .state_dtypes import STATE_DTYPES, restore_saved_dtypes, state_dtype_name
+from .state_dtypes import STATE_DTYPES, state_dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def state_bytes(shape: tuple[int, ...], rank: int | None, *, beta1: float = 0.9,
 # ------------------------------------------------------------------------------------- the optimizer
 
 
-class Flora(Optimizer):
+class Flora(BaseOptimizer):
     r"""Flora (module docstring for the math): Adafactor with a compressed, periodically re-drawn momentum.
 
     Every hyper-parameter lives in the param group (``lr``, ``weight_decay``, ``rank``, ``update_proj_gap`` = κ,
@@ -227,24 +227,13 @@ class Flora(Optimizer):
                         factorize_second_moment=factorize_second_moment, seed=seed, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        before = sum(len(group["params"]) for group in self.param_groups)
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        name = f"Flora param group {group['name']!r}" if "name" in group else \
-            f"Flora param_groups[{len(self.param_groups) - 1}]"
-        try:
-            _validate(group, name)
-        except ValueError:
-            self.param_groups.pop()
-            raise
-        group.setdefault("initial_seed", group["seed"] + before + 1)
+    group_label = "Flora"
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; floating state tensors keep the dtype they were saved in (torch would cast
-        float32 states of a bfloat16 weight to bfloat16)."""
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)
+    def _check_group(self, group: dict[str, Any], name: str) -> None:
+        """`_validate`, then sigma of the group's first parameter: seed + its 1-based position over all groups."""
+        _validate(group, name)
+        before = sum(len(other["params"]) for other in self.param_groups[:-1])
+        group.setdefault("initial_seed", group["seed"] + before + 1)
 
     def _init_state(self, group: dict[str, Any], param: torch.Tensor, index: int) -> dict[str, Any]:
         dtype = STATE_DTYPES[group["state_dtype"]] or param.dtype
@@ -265,20 +254,14 @@ class Flora(Optimizer):
             state["momentum"] = torch.zeros(shape, **zeros)
         return state
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step. `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step_parameters(self) -> None:
+        """One Flora update of every parameter with a gradient (bookkeeping; the math is `flora_update`)."""
         for group in self.param_groups:
             beta1, decay_exponent = group["betas"]
             for index, param in enumerate(group["params"]):
-                if param.grad is None:
+                grad = self._gradient(param)  # int8 weights are refused: this is param.grad
+                if grad is None:
                     continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("Flora does not support sparse gradients")
                 state = self.state[param]
                 if not state:
                     state.update(self._init_state(group, param, index))
@@ -287,7 +270,7 @@ class Flora(Optimizer):
                 work = {key: value.to(work_dtype) if isinstance(value, torch.Tensor) else value
                         for key, value in state.items()}
                 weight = param if param.dtype == work_dtype else param.to(work_dtype)
-                flora_update(weight, param.grad.to(work_dtype), work, step=state["step"], lr=group["lr"], beta1=beta1,
+                flora_update(weight, grad.to(work_dtype), work, step=state["step"], lr=group["lr"], beta1=beta1,
                              decay_exponent=decay_exponent, eps=group["eps"], eps2=group["eps2"],
                              clip_threshold=group["clip_threshold"], weight_decay=group["weight_decay"],
                              scale_parameter=group["scale_parameter"], rank=group["rank"],
@@ -300,17 +283,13 @@ class Flora(Optimizer):
                         state[key] = value
                 if weight is not param:
                     param.copy_(weight)
-        return loss
 
 
 def _validate(group: dict[str, Any], name: str) -> None:
     """One-line ValueErrors for a bad hyper-parameter of a Flora param group, or a weight it cannot update."""
     group["betas"] = tuple(group["betas"])
     group["state_dtype"] = state_dtype_name(group["state_dtype"], who=name)
-    if not group["lr"] >= 0.0:
-        raise ValueError(f"{name}: lr must be >= 0, got {group['lr']!r}")
-    if not group["weight_decay"] >= 0.0:
-        raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']!r}")
+    check_hyperparameters(group, name, keys=("lr", "weight_decay"))  # betas: Flora's own rule below
     betas = group["betas"]
     if len(betas) != 2 or not 0.0 <= betas[0] < 1.0 or not betas[1] > 0.0:
         raise ValueError(f"{name}: betas must be (beta1 in [0, 1), second-moment decay exponent c > 0), got {betas!r}")
