@@ -6,11 +6,10 @@ and 2-D) sum their squares over ranks.
 """
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import apollo
 from apollo.adam_mini import AdamMini
+from tests.conftest import run_on_ranks
 
 WORLD = 2
 # (shape, block, num_heads)
@@ -24,41 +23,36 @@ def _optimizer(params):
     return AdamMini(groups, lr=0.02, betas=(0.9, 0.95))
 
 
-def _worker(rank, init_file, steps, results):
+def _worker(rank, world_size, steps):
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        generator = torch.Generator().manual_seed(0)
-        weights = [torch.randn(shape, generator=generator) for shape, _, _ in PARAMS]
-        # rows of different scales, so that a wrong split of a head or a missing all-reduce shows
-        scales = [(1 + torch.arange(w.shape[0], dtype=w.dtype)).view(-1, *[1] * (w.dim() - 1)) for w in weights]
-        grads = [[torch.randn(w.shape, generator=generator) * s for w, s in zip(weights, scales)] for _ in range(steps)]
-        whole = [torch.nn.Parameter(w.clone()) for w in weights]
-        shards = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
-        whole_opt, shard_opt = _optimizer(whole), _optimizer(shards)
-        for step_grads in grads:
-            for p, q, g in zip(whole, shards, step_grads):
-                p.grad = g.clone()
-                q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
-            whole_opt.step()
-            shard_opt.step()
-        errors = [((q.full_tensor() - p.detach()).norm() / (p.detach() - w).norm()).item()
-                  for p, q, w in zip(whole, shards, weights)]
-        placements = [str(shard_opt.state[q]["exp_avg_sq"].placements) for q in shards]
-        results[rank] = (errors, apollo.optimizer_state_bytes(shard_opt), apollo.optimizer_state_bytes(whole_opt),
-                         placements)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=generator) for shape, _, _ in PARAMS]
+    # rows of different scales, so that a wrong split of a head or a missing all-reduce shows
+    scales = [(1 + torch.arange(w.shape[0], dtype=w.dtype)).view(-1, *[1] * (w.dim() - 1)) for w in weights]
+    grads = [[torch.randn(w.shape, generator=generator) * s for w, s in zip(weights, scales)] for _ in range(steps)]
+    whole = [torch.nn.Parameter(w.clone()) for w in weights]
+    shards = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
+    whole_opt, shard_opt = _optimizer(whole), _optimizer(shards)
+    for step_grads in grads:
+        for p, q, g in zip(whole, shards, step_grads):
+            p.grad = g.clone()
+            q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        whole_opt.step()
+        shard_opt.step()
+    errors = [((q.full_tensor() - p.detach()).norm() / (p.detach() - w).norm()).item()
+              for p, q, w in zip(whole, shards, weights)]
+    placements = [str(shard_opt.state[q]["exp_avg_sq"].placements) for q in shards]
+    return (errors, apollo.optimizer_state_bytes(shard_opt), apollo.optimizer_state_bytes(whole_opt),
+                     placements)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    shared = mp.Manager().dict()
-    init_file = tmp_path_factory.mktemp("adam_mini_sharded") / "init"
-    mp.spawn(_worker, args=(str(init_file), 4, shared), nprocs=WORLD, join=True)
-    return dict(shared)
+    results = run_on_ranks(_worker, 4, world_size=WORLD, tmp_path=tmp_path_factory.mktemp("adam_mini_sharded"))
+    assert sorted(results) == [0, 1]
+    return results
 
 
 def test_sharded_update_equals_the_whole_update(results):

@@ -1,10 +1,9 @@
 """Fira on row-sharded (FSDP2-style DTensor, Shard(0)) weights: the update of the whole matrix, 2 gloo ranks."""
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import apollo
 from apollo.fira import Fira
+from tests.conftest import run_on_ranks
 
 WORLD = 2
 RANK = 3
@@ -28,43 +27,39 @@ def _optimizer(params, form, **kwargs):
     return Fira(groups, lr=0.02, weight_decay=0.1, **kwargs)
 
 
-def _worker(rank, init_file, steps, results):
+def _worker(rank, world_size, steps):
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    weights, grads = _tensors(steps)
+    out = {}
+    for form in FORMS:
+        whole = [torch.nn.Parameter(w.clone()) for w in weights]
+        shards = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
+        whole_opt, shard_opt = _optimizer(whole, form), _optimizer(shards, form)
+        for step_grads in grads:
+            for p, q, g in zip(whole, shards, step_grads):
+                p.grad = g.clone()
+                q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            whole_opt.step()
+            shard_opt.step()
+        errors = [((q.full_tensor() - p.detach()).norm() / (p.detach() - w).norm()).item()
+                  for p, q, w in zip(whole, shards, weights)]
+        norms = [(shard_opt.state[q]["limiter_norm"] / whole_opt.state[p]["limiter_norm"] - 1).abs().item()
+                 for p, q in zip(whole[len(REGULAR_SHAPES):], shards[len(REGULAR_SHAPES):])]
+        out[form] = (errors, norms, apollo.optimizer_state_bytes(shard_opt))
+    plain = _optimizer(shards, "code", fused=False)  # the plain path has no sharded update
     try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        weights, grads = _tensors(steps)
-        out = {}
-        for form in FORMS:
-            whole = [torch.nn.Parameter(w.clone()) for w in weights]
-            shards = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
-            whole_opt, shard_opt = _optimizer(whole, form), _optimizer(shards, form)
-            for step_grads in grads:
-                for p, q, g in zip(whole, shards, step_grads):
-                    p.grad = g.clone()
-                    q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
-                whole_opt.step()
-                shard_opt.step()
-            errors = [((q.full_tensor() - p.detach()).norm() / (p.detach() - w).norm()).item()
-                      for p, q, w in zip(whole, shards, weights)]
-            norms = [(shard_opt.state[q]["limiter_norm"] / whole_opt.state[p]["limiter_norm"] - 1).abs().item()
-                     for p, q in zip(whole[len(REGULAR_SHAPES):], shards[len(REGULAR_SHAPES):])]
-            out[form] = (errors, norms, apollo.optimizer_state_bytes(shard_opt))
-        plain = _optimizer(shards, "code", fused=False)  # the plain path has no sharded update
-        try:
-            plain.step()
-            out["refusal"] = None
-        except ValueError as error:
-            out["refusal"] = str(error)
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
+        plain.step()
+        out["refusal"] = None
+    except ValueError as error:
+        out["refusal"] = str(error)
+    return out
 
 
 def test_sharded_fira_equals_the_whole_matrix_update(tmp_path):
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(str(tmp_path / "init"), 5, results), nprocs=WORLD, join=True)
+    results = run_on_ranks(_worker, 5, world_size=WORLD, tmp_path=tmp_path)
+    assert sorted(results) == [0, 1]
     rows = {0: lambda m: (m + 1) // 2, 1: lambda m: m - (m + 1) // 2}
     for rank, out in dict(results).items():
         for form in FORMS:

@@ -5,11 +5,10 @@ One spawn runs every case (tensor-level groups with uneven rows, an FSDP2-wrappe
 """
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import apollo
 from apollo import muon as M
+from tests.conftest import run_on_ranks
 
 WORLD = 2
 MUON_SHAPES = [(24, 10), (10, 24), (15, 8), (16, 16)]  # tall, wide, uneven rows (15 = 8 + 7), square
@@ -103,26 +102,22 @@ def _fsdp_case(mesh, directory):
                 local_bytes=apollo.optimizer_state_bytes(optimizer), whole_bytes=apollo.optimizer_state_bytes(reference_opt))
 
 
-def _worker(rank, init_file, directory, results):
+def _worker(rank, world_size, directory):
     from torch.distributed.tensor import init_device_mesh
 
     torch.set_num_threads(1)  # two processes on the CPU cores: no oversubscription (bf16 matmuls spin badly)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        out = {name: _tensor_case(mesh, options) for name, options in CONFIGS.items()}
-        out["fsdp"] = _fsdp_case(mesh, directory)
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {name: _tensor_case(mesh, options) for name, options in CONFIGS.items()}
+    out["fsdp"] = _fsdp_case(mesh, directory)
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("muon_sharded")
-    shared = mp.Manager().dict()
-    mp.spawn(_worker, args=(str(folder / "init"), str(folder / "dcp"), shared), nprocs=WORLD, join=True)
-    return dict(shared)
+    results = run_on_ranks(_worker, str(folder / "dcp"), world_size=WORLD, tmp_path=folder)
+    assert sorted(results) == [0, 1]
+    return results
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -1,11 +1,9 @@
 """SCALE over row-sharded (FSDP2-style DTensor, Shard(0)) weights equals the whole-matrix update: 2 gloo ranks."""
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import apollo
 from apollo.scale import SCALE
+from tests.conftest import run_on_ranks
 
 WORLD = 2
 # row rule: tall, wide, uneven rows (15 = 8 + 7), square; column rule (rows summed over ranks): even and uneven;
@@ -38,42 +36,38 @@ def _optimizer(params, norm):
     return SCALE(groups, lr=0.05, weight_decay=0.1, norm=norm, momentum=0.8)
 
 
-def _worker(rank, init_file, steps, results):
+def _worker(rank, world_size, steps):
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        out = {}
-        for norm in NORMS:
-            weights, grads = _tensors(0, steps)
-            whole = [torch.nn.Parameter(w.clone()) for w in weights]
-            shards = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
-            whole_opt, shard_opt = _optimizer(whole, norm), _optimizer(shards, norm)
-            for step_grads in grads:
-                for p, q, g in zip(whole, shards, step_grads):
-                    p.grad = g.clone()
-                    q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
-                whole_opt.step()
-                shard_opt.step()
-            errors = [((q.full_tensor() - p.detach()).norm() / (p.detach() - w).norm()).item()
-                      for p, q, w in zip(whole, shards, weights)]
-            layouts = {}  # state key -> every such state is a Shard(0) DTensor
-            for state in shard_opt.state.values():
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor):
-                        row_sharded = isinstance(value, DTensor) and tuple(value.placements) == (Shard(0),)
-                        layouts[key] = layouts.get(key, True) and row_sharded
-            out[norm] = (errors, apollo.optimizer_state_bytes(shard_opt), apollo.optimizer_state_bytes(whole_opt),
-                         layouts)
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    for norm in NORMS:
+        weights, grads = _tensors(0, steps)
+        whole = [torch.nn.Parameter(w.clone()) for w in weights]
+        shards = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
+        whole_opt, shard_opt = _optimizer(whole, norm), _optimizer(shards, norm)
+        for step_grads in grads:
+            for p, q, g in zip(whole, shards, step_grads):
+                p.grad = g.clone()
+                q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            whole_opt.step()
+            shard_opt.step()
+        errors = [((q.full_tensor() - p.detach()).norm() / (p.detach() - w).norm()).item()
+                  for p, q, w in zip(whole, shards, weights)]
+        layouts = {}  # state key -> every such state is a Shard(0) DTensor
+        for state in shard_opt.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    row_sharded = isinstance(value, DTensor) and tuple(value.placements) == (Shard(0),)
+                    layouts[key] = layouts.get(key, True) and row_sharded
+        out[norm] = (errors, apollo.optimizer_state_bytes(shard_opt), apollo.optimizer_state_bytes(whole_opt),
+                     layouts)
+    return out
 
 
 def test_sharded_update_equals_the_whole_matrix_update(tmp_path):
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(str(tmp_path / "init"), 4, results), nprocs=WORLD, join=True)
+    results = run_on_ranks(_worker, 4, world_size=WORLD, tmp_path=tmp_path)
+    assert sorted(results) == [0, 1]
     rows = {0: lambda m: (m + 1) // 2, 1: lambda m: m - (m + 1) // 2}  # torch's Shard(0) split: 15 = 8 + 7
     for rank, by_norm in dict(results).items():
         for norm, (errors, local_state, whole_state, layouts) in by_norm.items():

@@ -1,10 +1,9 @@
 """Row-sharded (FSDP2-style DTensor, Shard(0)) weights get the update of the whole matrix: 2 gloo ranks."""
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import apollo
+from tests.conftest import run_on_ranks
 
 WORLD = 2
 # tall (right projection, row-local), wide (left: R summed over ranks), uneven rows (15 = 8 + 7), square
@@ -34,43 +33,39 @@ def _optimizer(cls, lowrank, params):
     return cls(groups, lr=0.02, weight_decay=0.1)
 
 
-def _worker(rank, init_file, name, steps, results):
+def _worker(rank, world_size, name, steps):
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    cls, lowrank = CONFIGS[name]
+    weights, grads = _tensors(0, steps)
+    whole = [torch.nn.Parameter(w.clone()) for w in weights]
+    shards = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
+    whole_opt, shard_opt = _optimizer(cls, lowrank, whole), _optimizer(cls, lowrank, shards)
+    for step_grads in grads:
+        for p, q, g in zip(whole, shards, step_grads):
+            p.grad = g.clone()
+            q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        whole_opt.step()
+        shard_opt.step()
+    worst = max(((q.full_tensor() - p.detach()).norm() / (p.detach() - w).norm()).item()
+                for p, q, w in zip(whole, shards, weights))
+    # the plain path (fused=False) has no sharded update: it refuses DTensor parameters
+    plain = cls([{"params": shards[len(REGULAR_SHAPES):], **lowrank}], lr=0.02, fused=False)
     try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        cls, lowrank = CONFIGS[name]
-        weights, grads = _tensors(0, steps)
-        whole = [torch.nn.Parameter(w.clone()) for w in weights]
-        shards = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
-        whole_opt, shard_opt = _optimizer(cls, lowrank, whole), _optimizer(cls, lowrank, shards)
-        for step_grads in grads:
-            for p, q, g in zip(whole, shards, step_grads):
-                p.grad = g.clone()
-                q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
-            whole_opt.step()
-            shard_opt.step()
-        worst = max(((q.full_tensor() - p.detach()).norm() / (p.detach() - w).norm()).item()
-                    for p, q, w in zip(whole, shards, weights))
-        # the plain path (fused=False) has no sharded update: it refuses DTensor parameters
-        plain = cls([{"params": shards[len(REGULAR_SHAPES):], **lowrank}], lr=0.02, fused=False)
-        try:
-            plain.step()
-            refusal = None
-        except ValueError as error:
-            refusal = str(error)
-        # optimizer_state_bytes counts the shard this process holds of each DTensor state
-        results[rank] = (worst, apollo.optimizer_state_bytes(shard_opt), apollo.optimizer_state_bytes(whole_opt),
-                         refusal)
-    finally:
-        dist.destroy_process_group()
+        plain.step()
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    # optimizer_state_bytes counts the shard this process holds of each DTensor state
+    return (worst, apollo.optimizer_state_bytes(shard_opt), apollo.optimizer_state_bytes(whole_opt),
+                     refusal)
 
 
 def _run(tmp_path, name, steps=5):
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(str(tmp_path / "init"), name, steps, results), nprocs=WORLD, join=True)
-    return dict(results)
+    results = run_on_ranks(_worker, name, steps, world_size=WORLD, tmp_path=tmp_path)
+    assert sorted(results) == [0, 1]
+    return results
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
