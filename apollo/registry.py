@@ -7,7 +7,8 @@ flag is never silently ignored.
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -27,6 +28,26 @@ def OptimizerEntry(build, options, summary, **fields) -> OptimizerSpec:  # noqa:
     """Deprecated: the registry's entries before `OptimizerSpec`, ``OptimizerEntry(build, options, summary)``;
     returns a spec without a name, which ``register(name, entry)`` gives it."""
     return OptimizerSpec("", build, options, summary, **fields)
+
+
+class RegistryView(Mapping):
+    """A read-only mapping recomputed from the registry at each use (`compute()` builds it), so an optimizer
+    registered later is in every table derived from the specs."""
+
+    def __init__(self, compute: Callable[[], dict]):
+        self._compute = compute
+
+    def __getitem__(self, key):
+        return self._compute()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._compute())
+
+    def __len__(self) -> int:
+        return len(self._compute())
+
+    def __repr__(self) -> str:
+        return repr(self._compute())
 
 
 def register(spec: OptimizerSpec | str, entry: OptimizerSpec | None = None, *aliases: str) -> None:

@@ -12,29 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import apollo
+from apollo.registry import RegistryView
 from apollo.spec import MODES as MODE_NAMES, STANDARD_BETAS
-
-
-class _RegistryView(Mapping):
-    """A read-only mapping recomputed from the registry at each use."""
-
-    def __init__(self, compute: Callable[[], dict]):
-        self._compute = compute
-
-    def __getitem__(self, key):
-        return self._compute()[key]
-
-    def __iter__(self) -> Iterator:
-        return iter(self._compute())
-
-    def __len__(self) -> int:
-        return len(self._compute())
-
-    def __repr__(self) -> str:
-        return repr(self._compute())
 
 
 def _flag_options() -> dict[str, dict[str, str]]:
@@ -46,15 +28,15 @@ def _flag_options() -> dict[str, dict[str, str]]:
 
 
 #: flag (TrainConfig field) -> {canonical optimizer name: build_optimizer option key}
-FLAG_OPTIONS: Mapping[str, dict[str, str]] = _RegistryView(_flag_options)
+FLAG_OPTIONS: Mapping[str, dict[str, str]] = RegistryView(_flag_options)
 #: betas an optimizer uses when --beta1/--beta2 are not given, where they differ from (0.9, 0.999)
-DEFAULT_BETAS: Mapping[str, tuple[float, float]] = _RegistryView(
+DEFAULT_BETAS: Mapping[str, tuple[float, float]] = RegistryView(
     lambda: {s.name: s.default_betas for s in apollo.REGISTRY.values() if s.default_betas != STANDARD_BETAS})
 #: optimizers whose states always follow the weights' dtype (`name in PARAM_DTYPE_STATES`)
-PARAM_DTYPE_STATES: Mapping[str, bool] = _RegistryView(
+PARAM_DTYPE_STATES: Mapping[str, bool] = RegistryView(
     lambda: {s.name: True for s in apollo.REGISTRY.values() if s.states_follow_weights})
 #: mode -> {optimizer: why it cannot run in that mode}; an optimizer absent from a mode's table supports it
-MODES: Mapping[str, dict[str, str]] = _RegistryView(
+MODES: Mapping[str, dict[str, str]] = RegistryView(
     lambda: {mode: {s.name: s.refuses[mode] for s in apollo.REGISTRY.values() if mode in s.refuses}
              for mode in MODE_NAMES})
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .. import adamw8bit, factory, fira, flora, muon, scale, soap
-from ..registry import REGISTRY, canonical_name
+from ..registry import REGISTRY, RegistryView, canonical_name
 
 @dataclass(frozen=True)
 class FqnPatterns:
@@ -63,25 +63,10 @@ HF_LLAMA = FqnPatterns(
 _DROPPED_GROUP_KEYS = ("fused", "foreach")  # torchtitan's implementation flags, meant for torch's Adam/AdamW
 
 
-class _Constructors(Mapping):
-    """Registered name -> ``spec.from_groups`` (the class or function its builder constructs, called as
-    ``cls(groups, **kwargs)``), recomputed from the registry at each use."""
-
-    def _table(self) -> dict[str, Callable[..., torch.optim.Optimizer]]:
-        return {name: spec.from_groups for name, spec in REGISTRY.items() if spec.from_groups is not None}
-
-    def __getitem__(self, key):
-        return self._table()[key]
-
-    def __iter__(self):
-        return iter(self._table())
-
-    def __len__(self) -> int:
-        return len(self._table())
-
-
+#: Registered name -> ``spec.from_groups`` (called as ``cls(groups, **kwargs)``), a view of the registry.
 #: tests/apollo/test_torchtitan_routing.py checks this covers `apollo.optimizer_names()` exactly.
-CONSTRUCTORS: Mapping[str, Callable[..., torch.optim.Optimizer]] = _Constructors()
+CONSTRUCTORS: Mapping[str, Callable[..., torch.optim.Optimizer]] = RegistryView(
+    lambda: {name: spec.from_groups for name, spec in REGISTRY.items() if spec.from_groups is not None})
 
 
 def build_from_groups(name: str, groups: Iterable[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:

@@ -13,6 +13,7 @@ import torch
 
 import apollo
 from apollo import scratch as models
+from apollo.registry import RegistryView
 from apollo.quant import is_quantized
 from train.memory.meta import _grad_bytes
 
@@ -27,24 +28,9 @@ _fira_scratch, _scale_scratch, _muon_scratch = models.fira, models.scale, models
 _adam_mini_scratch, _soap_scratch, _adamw8bit_scratch = models.adam_mini, models.soap, models.adamw8bit
 
 
-class _SpecScratch(Mapping):
-    """optimizer name -> its spec's scratch model (registered optimizers that have one), live."""
-
-    def _table(self) -> dict[str, ScratchModel]:
-        return {name: spec.scratch_bytes for name, spec in apollo.REGISTRY.items() if spec.scratch_bytes is not None}
-
-    def __getitem__(self, key):
-        return self._table()[key]
-
-    def __iter__(self):
-        return iter(self._table())
-
-    def __len__(self) -> int:
-        return len(self._table())
-
-
 #: optimizer name -> the scratch model of one parameter's update (a view of the specs)
-SCRATCH: Mapping[str, ScratchModel] = _SpecScratch()
+SCRATCH: Mapping[str, ScratchModel] = RegistryView(
+    lambda: {name: spec.scratch_bytes for name, spec in apollo.REGISTRY.items() if spec.scratch_bytes is not None})
 
 
 def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int, device: str,
