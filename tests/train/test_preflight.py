@@ -362,3 +362,21 @@ def test_resume_path_is_continue_from(base, saved_run, capsys):
     assert base["started"].pop().continue_from == str(checkpoint_path(saved_run, 3))
     line = refused(base, capsys, {"--resume": str(saved_run), "--continue_from": str(base["tmp"])})
     assert line == f"error: --resume {saved_run} and --continue_from {base['tmp']} name two checkpoints; give one of them"
+
+
+def test_special_ids_past_the_embedding_without_an_unk_token_are_refused_in_one_line():
+    """Ids past the embedding are read as <unk> (issue 25); a tokenizer without one cannot be: refused, one line."""
+    from types import SimpleNamespace
+
+    from train.preflight import ConfigError, check_tokenizer
+
+    class Tokenizer(SimpleNamespace):
+        def __len__(self):
+            return 10
+
+    special = SimpleNamespace(special=True)
+    tokenizer = Tokenizer(pad_token_id=0, unk_token_id=None, added_tokens_decoder={8: special, 9: special})
+    with pytest.raises(ConfigError) as error:
+        check_tokenizer(tokenizer, "tok", vocab_size=8, model_config="tiny.json")
+    assert str(error.value) == ("--tokenizer tok has 10 token ids, vocab_size of --model_config tiny.json is 8, and no "
+                                "unk token to read ids 8..9 as; use a model config with vocab_size >= 10")
