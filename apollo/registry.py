@@ -13,13 +13,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import adam_mini, adamw8bit, factory, fira, flora, muon, scale, soap
+from . import adam_mini, adamw8bit, factory, fira, flora, galore8bit, muon, scale, soap
 from .spec import OptimizerSpec
 
 
 #: Every optimizer's spec, in registration order: the APOLLO family's module first, then one per peer.
 SPECS: tuple[OptimizerSpec, ...] = (*factory.SPECS, fira.SPEC, scale.SPEC, muon.SPEC, adam_mini.SPEC, soap.SPEC,
-                                    adamw8bit.SPEC, flora.SPEC)
+                                    adamw8bit.SPEC, flora.SPEC, galore8bit.SPEC)
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in SPECS}
 ALIASES: dict[str, str] = {alias: spec.name for spec in SPECS for alias in spec.aliases}
 
