@@ -60,7 +60,8 @@ def test_optimizer_options_pass_only_what_was_set(flags, expected):
     ("--optimizer adamw --rank 128", "--rank does not apply to --optimizer adamw (it is used by "
                                      f"{', '.join(FLAG_OPTIONS['rank'])})"),  # the registry's takers, in its order
     ("--optimizer adamw --scale_front", "--scale_front does not apply to --optimizer adamw"),
-    ("--optimizer apollo --galore_scale 0.25", "--galore_scale does not apply to --optimizer apollo (it is used by galore)"),
+    ("--optimizer apollo --galore_scale 0.25", "--galore_scale does not apply to --optimizer apollo (it is used by "
+                                              f"{', '.join(FLAG_OPTIONS['galore_scale'])})"),  # galore, 8-bit GaLore
     ("--optimizer galore --apollo_scale 2", "--apollo_scale does not apply to --optimizer galore"),
     ("--optimizer apollo --fira_alpha 0.5", "--fira_alpha does not apply to --optimizer apollo (it is used by fira)"),
     ("--optimizer adamw --adam_lr 0.01", "--adam_lr does not apply to --optimizer adamw (it is used by scale, muon)"),
