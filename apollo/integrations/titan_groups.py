@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .. import adamw8bit, factory, fira, flora, muon, scale, soap
+from .. import adamw8bit, factory, fira, flora, galore8bit, muon, scale, soap
 from ..registry import REGISTRY, RegistryView, canonical_name
 
 @dataclass(frozen=True)
@@ -92,6 +92,9 @@ def _low_rank_setup(key: str, options: dict[str, Any], hidden_size: int | None) 
     """(constructor kwargs, low-rank group keys) as `factory.build_low_rank` / `fira.build` split them."""
     if key == "fira":
         constructor_keys, defaults, allowed = fira._OPTIMIZER_KEYS, fira.Fira.lowrank_defaults, fira.OPTIONS
+    elif key == galore8bit.NAME:
+        constructor_keys, defaults = galore8bit._OPTIMIZER_KEYS, galore8bit.GaLoreAdamW8bit.lowrank_defaults
+        allowed = galore8bit.OPTIONS
     else:
         constructor_keys, defaults = factory._OPTIMIZER_KEYS, factory.PRESETS[key]
         allowed = factory.LOWRANK_OPTIONS["galore" if key == "galore" else "apollo"]
@@ -130,7 +133,8 @@ def group_plan(name: str, lr: float, weight_decay: float = 0.0, *, fqns: FqnPatt
     rules (`LLAMA3` for torchtitan's Llama-3, `HF_LLAMA` for this harness's model), so ``target_modules``
     is refused.
 
-    Covered: adamw, adamw8bit, the low-rank family (apollo, apollo_mini, apollo_svd, galore, fira), muon,
+    Covered: adamw, adamw8bit, the low-rank family (apollo, apollo_mini, apollo_svd, galore, fira,
+    galore_adamw8bit), muon,
     soap, flora (its groups in the model's parameter order: a parameter's position seeds its projection) and
     scale (untied heads: a tied head is no parameter of its own, and its pattern would match
     nothing). adam_mini's blocks follow q/k/v projections and head counts (torchtitan fuses wqkv): give
@@ -180,7 +184,7 @@ def group_plan(name: str, lr: float, weight_decay: float = 0.0, *, fqns: FqnPatt
         constructor = {"momentum": momentum, "norm": norm, "betas": tuple(settings["betas"]), "eps": settings["eps"],
                        "state_dtype": settings["state_dtype"]}
         return configs, constructor
-    if key not in factory.PRESETS and key != "fira":
+    if key not in factory.PRESETS and key not in ("fira", galore8bit.NAME):
         raise ValueError(f"no FQN-pattern routing for {key!r} (its blocks follow module names and head counts); "
                          f"write its ParamGroupConfig entries with optimizer_name {key!r} by hand")
     if "target_modules" in options:
