@@ -130,6 +130,7 @@ def test_an_optimizer_without_a_scratch_model_is_an_error_not_zero(monkeypatch, 
 # ------------------------------------------------------------------------ every registered optimizer
 
 PEERS = [{"optimizer": "scale"}, {"optimizer": "adam_mini"}, {"optimizer": "fira", "rank": 4},
+         {"optimizer": "galore_adamw8bit", "rank": 4},
          pytest.param({"optimizer": "scale", "weight_quant": True, "weight_group_size": 32, "layerwise": True},
                       marks=pytest.mark.slow),
          pytest.param({"optimizer": "muon"}, marks=pytest.mark.slow),  # bf16 Newton-Schulz is slow on the CPU
@@ -182,6 +183,7 @@ def _measured_step_scratch(name, dtype, options):
     pytest.param("fira", "float32", {"rank": 32, "options": {"update_proj_gap": 1}}, marks=pytest.mark.slow),
     ("soap", "float32", {"options": {"precondition_frequency": 1, "max_precond_dim": 200}}),  # 500 x 128: 128 side only
     ("flora", "float32", {"rank": 32, "options": {"update_proj_gap": 1}}),  # every matrix compressed, re-drawn each step
+    ("galore_adamw8bit", "float32", {"rank": 32, "options": {"update_proj_gap": 1}}),  # an SVD refresh each step
     pytest.param("muon", "bfloat16", {}, marks=pytest.mark.slow),
     pytest.param("scale", "bfloat16", {}, marks=pytest.mark.slow),
     pytest.param("adam_mini", "bfloat16", {}, marks=pytest.mark.slow),
