@@ -1,0 +1,256 @@
+"""ReLoRA by parts (PEERS.md "### Parity oracles"): the jagged lr against hand-written tables, the merge keeps the
+function, k merges sum their products into W0, pruning follows its rule on the moments only, the timetable,
+the generator's state, the refusals."""
+import math
+
+import pytest
+import torch
+
+from train.relora import (RESET_RATIO, SEED_OFFSET, ReLoRA, ReLoRAError, check_optimizer_states, lora_layers,
+                          lora_parameters, magnitude_prune_, merge_and_reinit, pruning_mode, prune_moments)
+from train.schedule import jagged_cosine, lr_multiplier
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# ----------------------------------------------------------------------------- the jagged cosine
+
+# N = 24, W1 = 2, Wr = 3, C = 6, rho = 0.1, q(x) = 0.1 + 0.45 (1 + cos(pi x)), N - W1 = 22; values typed from a
+# calculator. GaLore's copy ramps to q(nC / 22), relora HEAD to q((nC + 3 - 2) / 22) and only once t >= C.
+SETTINGS = dict(num_training_steps=24, warmup_steps=2, cycle_length=6, restart_warmup_steps=3, min_lr_ratio=0.1)
+JAGGED = {  # t: (galore, relora_head)
+    0: (0.0, 0.0),                    # first warmup t / W1
+    1: (0.5, 0.5),
+    2: (0.6666666667, 1.0),           # t = W1: k = 2 < Wr, n = 0 -> GaLore (2/3) q(0); HEAD: t < C, the cosine q(0)
+    3: (0.9954196488, 0.9954196488),  # q(1/22)
+    6: (0.0, 0.0),                    # t = C: the ramp opens at 0
+    7: (0.2815624434, 0.2644294560),  # t = C + 1: (1/3) q(6/22) | (1/3) q(7/22)
+    8: (0.5631248869, 0.5288589119),  # (2/3) q(6/22) | (2/3) q(7/22)
+    9: (0.7932883679, 0.7932883679),  # t = C + Wr: the cosine again, q(7/22)
+    12: (0.0, 0.0),                   # t = 2C
+    13: (0.1619861076, 0.1410734498),  # (1/3) q(12/22) | (1/3) q(13/22)
+    23: (0.1045803512, 0.1045803512),  # t = N - 1: q(21/22)
+}
+
+
+@pytest.mark.parametrize("variant", ["galore", "relora_head"])
+def test_jagged_cosine_matches_hand_written_table(variant):
+    column = 0 if variant == "galore" else 1
+    got = {t: jagged_cosine(t, **SETTINGS, variant=variant) for t in JAGGED}
+    assert got == pytest.approx({t: row[column] for t, row in JAGGED.items()}, abs=1e-10)
+    # the same through lr_multiplier, as the loop calls it
+    through = lr_multiplier(7, scheduler="cosine_restarts", num_training_steps=24, warmup_steps=2, cycle_length=6,
+                            restart_warmup_steps=3, min_lr_ratio=0.1, restart_variant=variant)
+    assert through == pytest.approx(JAGGED[7][column], abs=1e-10)
+
+
+def test_jagged_cosine_adjust_step_shifts_the_restarts():
+    """adjust_step 1: s = t + 1, so the restart is at t = 5 and t = 2 is already past the ramp: q(1/22)."""
+    f = lambda t: jagged_cosine(t, **SETTINGS, adjust_step=1)
+    assert (f(2), f(5), f(6)) == pytest.approx((0.9954196488, 0.0, 0.2815624434), abs=1e-10)
+
+
+@pytest.mark.parametrize("overrides, variant, message", [
+    ({"num_training_steps": 25}, "galore", "--num_training_steps 25 must be divisible by --cycle_length 6"),
+    ({"warmup_steps": 6}, "galore", "--warmup_steps 6 + --adjust_step 0 must be < --cycle_length 6"),
+    ({"warmup_steps": 5, "adjust_step": 2}, "relora_head", "--warmup_steps 5 + --adjust_step 2 must be <= --cycle_length 6"),
+    ({"cycle_length": None}, "galore", "--scheduler cosine_restarts needs --cycle_length"),
+    ({"restart_warmup_steps": 7}, "galore", "--restart_warmup_steps must be in [0, --cycle_length 6]"),
+    ({}, "head", "restart variant must be one of galore, relora_head"),
+])
+def test_jagged_cosine_refuses_inconsistent_settings(overrides, variant, message):
+    with pytest.raises(ValueError, match=re_escape(message)):
+        jagged_cosine(3, **{**SETTINGS, **overrides}, variant=variant)
+
+
+def test_relora_head_allows_first_warmup_equal_to_the_cycle():
+    """W1 = C = 6 (N - W1 = 18): the warmup ends where the first ramp opens; t = 7 is (1/3) q(3/18) =
+    (0.1 + 0.45 (1 + cos(pi/6))) / 3."""
+    f = lambda t: jagged_cosine(t, **{**SETTINGS, "warmup_steps": 6}, variant="relora_head")
+    assert (f(5), f(6), f(7)) == pytest.approx((5 / 6, 0.0, 0.3132371439), abs=1e-10)
+
+
+def re_escape(text):
+    import re
+    return re.escape(text)
+
+
+# ----------------------------------------------------------------------------- a peft LoRA model
+
+def lora_model(tiny_llama, *, rank=4, alpha=32, dtype=torch.float64):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(dtype=dtype)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS, bias="none",
+                        init_lora_weights=True)
+    return get_peft_model(model, config)
+
+
+def randomise_b(model, seed):
+    """Nonzero B (peft starts it at 0) so a merge has something to move."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module, adapter in lora_layers(model):
+            b = module.lora_B[adapter].weight
+            b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.1)
+
+
+def test_merge_keeps_the_function_float64(tiny_llama):
+    model = lora_model(tiny_llama)
+    randomise_b(model, 1)
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=batch).logits
+    assert merge_and_reinit(model, torch.Generator().manual_seed(3)) == 2 * len(TARGETS)
+    with torch.no_grad():
+        after = model(input_ids=batch).logits
+    assert torch.allclose(before, after, rtol=0, atol=1e-12), (before - after).abs().max()
+    assert before.abs().max() > 0.1  # a real output, not zeros
+
+
+def test_k_merges_sum_their_products_into_w0(tiny_llama):
+    model = lora_model(tiny_llama)
+    layers = lora_layers(model)
+    expected = {name: module.get_base_layer().weight.detach().clone() for name, module, _ in layers}
+    generator = torch.Generator().manual_seed(11)
+    shadow = torch.Generator().manual_seed(11)  # re-derives the new A: U(-1/sqrt(n), 1/sqrt(n)) in module order
+    for j in range(3):
+        randomise_b(model, 100 + j)
+        for name, module, adapter in layers:
+            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            assert module.scaling[adapter] == 32 / 4
+            expected[name] = expected[name] + 8.0 * (b.detach() @ a.detach())
+        merge_and_reinit(model, generator)
+        for name, module, adapter in layers:
+            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            bound = 1 / math.sqrt(a.shape[1])
+            draw = torch.rand(a.shape, generator=shadow, dtype=torch.float64) * 2 * bound - bound
+            assert torch.equal(module.get_base_layer().weight, expected[name]), name
+            assert torch.allclose(a, draw, rtol=0, atol=1e-15) and a.abs().max() <= bound
+            assert torch.count_nonzero(b) == 0
+
+
+def test_merge_adds_in_w0_dtype_bfloat16(tiny_llama):
+    model = lora_model(tiny_llama, dtype=torch.bfloat16)
+    randomise_b(model, 5)
+    name, module, adapter = lora_layers(model)[0]
+    w0 = module.get_base_layer().weight.detach().clone()
+    delta = (module.lora_B[adapter].weight.float() @ module.lora_A[adapter].weight.float()) * module.scaling[adapter]
+    merge_and_reinit(model, torch.Generator().manual_seed(0))
+    assert module.get_base_layer().weight.dtype == torch.bfloat16
+    assert torch.equal(module.get_base_layer().weight, w0 + delta.to(torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- pruning
+
+def stepped(tiny_llama, optimizer_class=torch.optim.AdamW, **kwargs):
+    """A LoRA model after two optimizer steps (B moved, so every factor has nonzero moments)."""
+    model = lora_model(tiny_llama)
+    for name, p in model.named_parameters():  # as the LoRA row: embeddings, norms and lm_head stay trainable
+        if "base_layer" not in name:
+            p.requires_grad_(True)
+    optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=1e-2, **kwargs)
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def test_random_pruning_zeroes_the_generators_mask_on_lora_moments_only(tiny_llama):
+    model, optimizer = stepped(tiny_llama)
+    lora = dict(lora_parameters(model))
+    assert len(lora) == 4 * len(TARGETS)  # A and B of 7 targets in 2 layers
+    before = {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in optimizer.state.items()}
+    assert prune_moments(model, optimizer, mode="random", ratio=0.5, generator=torch.Generator().manual_seed(7)) == 2 * len(lora)
+    shadow = torch.Generator().manual_seed(7)
+    zeroed, total = 0, 0
+    for name, param in lora.items():
+        state = optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            keep = torch.rand(param.shape, generator=shadow) > 0.5
+            assert torch.equal(state[key], before[param][key] * keep), (name, key)
+            zeroed, total = zeroed + int((~keep).sum()), total + keep.numel()
+        assert torch.equal(state["step"], before[param]["step"])  # step counters kept
+    assert abs(zeroed / total - 0.5) < 0.02  # ~ 20k draws
+    others = [p for p in optimizer.state if all(p is not q for q in lora.values())]
+    assert others and all(torch.equal(optimizer.state[p]["exp_avg"], before[p]["exp_avg"]) for p in others)
+
+
+def test_magnitude_pruning_quantile_rule():
+    """Distinct magnitudes 1..100 (shuffled, signed): quantile_0.9 = 90.1 (linear interpolation at 89.1), so
+    exactly the entries with |x| <= 90 are zeroed and the ten largest are kept untouched."""
+    values = torch.randperm(100, generator=torch.Generator().manual_seed(0)).double() + 1
+    values = values * torch.where(torch.arange(100) % 2 == 0, 1.0, -1.0).double()
+    tensor = values.reshape(10, 10).clone()
+    magnitude_prune_(tensor, 0.9)
+    kept = tensor[tensor != 0]
+    assert sorted(kept.abs().tolist()) == [float(v) for v in range(91, 101)]
+    assert torch.equal(tensor, values.reshape(10, 10) * (values.abs() > 90).reshape(10, 10))
+
+
+def test_magnitude_pruning_on_moments_leaves_the_expected_count(tiny_llama):
+    model, optimizer = stepped(tiny_llama)
+    prune_moments(model, optimizer, mode="magnitude", ratio=0.9, generator=torch.Generator())
+    for name, param in lora_parameters(model):
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensor = optimizer.state[param][key]
+            # distinct nonzero magnitudes: ceil(0.1 (numel - 1)) entries lie strictly above the interpolated quantile
+            assert int(torch.count_nonzero(tensor)) == math.ceil(0.1 * (tensor.numel() - 1)), (name, key)
+
+
+# ----------------------------------------------------------------------------- the timetable, state, refusals
+
+def test_timetable_merges_after_k_tm_plus_1_and_prunes_after_k_c_plus_1(tiny_llama):
+    model, optimizer = stepped(tiny_llama)
+    relora = ReLoRA(model, optimizer, relora_every=3, cycle_length=6, mode="random", ratio=RESET_RATIO, seed=0)
+    schedule = {u: relora.due(u) for u in range(1, 15)}
+    assert [u for u, (merge, _) in schedule.items() if merge] == [4, 7, 10, 13]
+    assert [u for u, (_, prune) in schedule.items() if prune] == [7, 13]
+    lines = relora.after_update(7)
+    assert relora.merges == 1 and relora.prunes == 1 and "merge 1" in lines[0] and "random pruning 1" in lines[1]
+
+
+def test_generator_is_seeded_apart_and_its_state_restores(tiny_llama):
+    model, optimizer = stepped(tiny_llama)
+    relora = ReLoRA(model, optimizer, relora_every=2, cycle_length=2, mode="random", ratio=0.5, seed=5)
+    assert torch.equal(relora.generator.get_state(), torch.Generator().manual_seed(5 + SEED_OFFSET).get_state())
+    relora.after_update(3)
+    saved = relora.state_dict()
+    expected = torch.rand(4, generator=relora.generator)
+    other = ReLoRA(model, optimizer, relora_every=2, cycle_length=2, mode="random", ratio=0.5, seed=5)
+    other.load_state_dict(saved)
+    assert (other.merges, other.prunes) == (1, 1) and torch.equal(torch.rand(4, generator=other.generator), expected)
+
+
+def test_refuses_an_optimizer_without_adam_moments(tiny_llama):
+    model, optimizer = stepped(tiny_llama, torch.optim.SGD, momentum=0.9)
+    with pytest.raises(ReLoRAError, match=r"SGD's state of .*lora_A.* holds momentum_buffer .*use an Adam-type optimizer"):
+        check_optimizer_states(model, optimizer)
+    model, optimizer = stepped(tiny_llama)
+    check_optimizer_states(model, optimizer)  # AdamW: accepted
+
+
+def test_refuses_a_model_without_adapters(tiny_llama):
+    model = tiny_llama()
+    with pytest.raises(ReLoRAError, match="needs LoRA adapters"):
+        ReLoRA(model, torch.optim.AdamW(model.parameters()), relora_every=2, cycle_length=2, mode="random", ratio=0.5, seed=0)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({}, ("random", RESET_RATIO)),
+    ({"reset_optimizer_on_relora": True}, ("random", 0.999)),
+    ({"optimizer_random_pruning": 0.8}, ("random", 0.8)),
+    ({"optimizer_magnitude_pruning": 0.9}, ("magnitude", 0.9)),
+])
+def test_pruning_mode(kwargs, expected):
+    args = {"reset_optimizer_on_relora": False, "optimizer_random_pruning": None, "optimizer_magnitude_pruning": None}
+    assert pruning_mode(**{**args, **kwargs}) == expected
+
+
+def test_pruning_mode_refuses_two_modes_and_bad_ratios():
+    with pytest.raises(ReLoRAError, match="give one optimizer pruning mode for --relora, not --reset_optimizer_on_relora "
+                                          "and --optimizer_magnitude_pruning"):
+        pruning_mode(reset_optimizer_on_relora=True, optimizer_random_pruning=None, optimizer_magnitude_pruning=0.9)
+    with pytest.raises(ReLoRAError, match=r"--optimizer_random_pruning must be in \[0, 1\), got 1.0"):
+        pruning_mode(reset_optimizer_on_relora=False, optimizer_random_pruning=1.0, optimizer_magnitude_pruning=None)
