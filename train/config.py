@@ -29,6 +29,7 @@ from apollo.layerwise import check_layerwise
 from apollo.quant import SUPPORTED_BITS
 from train.schedule import decay_steps
 from train import optimizer_flags
+from train import relora as relora_config
 from train.optimizer_flags import optimizer_options  # noqa: F401  (re-exported: the trainer's options for the registry)
 
 
@@ -84,7 +85,8 @@ class TrainConfig:
     # -- schedule --------------------------------------------------------------------------------
     lr: float = option(1e-4, "peak learning rate", low=0.0)
     scheduler: str = option("cosine", "decay after warmup; wsd: warmup, constant peak, linear decay over the last "
-                                      "--decay_fraction of the updates", choices=("cosine", "linear", "constant", "wsd"))
+                                      "--decay_fraction of the updates; cosine_restarts: ReLoRA's jagged cosine (--cycle_length, "
+                                      "--restart_warmup_steps)", choices=("cosine", "linear", "constant", "wsd", "cosine_restarts"))
     warmup_steps: int = option(1000, "updates of linear warmup from lr 0", low=0)
     num_training_steps: int = option(10_000, "number of optimizer updates (exactly this many)", low=1)
     max_train_tokens: Optional[int] = option(
@@ -156,6 +158,27 @@ class TrainConfig:
                                     "no accumulation, no clipping)")
     compile: bool = option(False, "compile each decoder layer with torch.compile (inductor), after activation "
                                   "checkpointing and before FSDP2/DDP; graphs compiled after the first update are logged")
+
+    # -- relora: ReLoRA's merges, optimizer pruning and jagged cosine (train/relora.py) ---------------
+    cycle_length: Optional[int] = option(None, "--scheduler cosine_restarts: updates per cycle C (must divide "
+                                               "--num_training_steps); --relora prunes after updates kC + 1", low=1)
+    restart_warmup_steps: Optional[int] = option(None, "--scheduler cosine_restarts: updates of each restart's linear ramp, Wr",
+                                                 low=0)
+    adjust_step: int = option(0, "--scheduler cosine_restarts: shift of the restarts, s = t + adjust_step after the first "
+                                 "warmup (published for warm-started runs)", low=0)
+    restart_variant: str = option("galore", "--scheduler cosine_restarts: galore (GaLore's copy: each ramp aims at the "
+                                            "cosine at the cycle's start) or relora_head (Guitaricet/relora HEAD: at the "
+                                            "ramp's end, no ramp in the first cycle)", choices=("galore", "relora_head"))
+    relora: Optional[int] = option(None, "ReLoRA: merge the LoRA factors into the frozen weights and re-initialise them "
+                                         "every this many updates T_m (after updates k T_m + 1); needs LoRA adapters and "
+                                         "--scheduler cosine_restarts", low=1)
+    reset_optimizer_on_relora: bool = option(False, "ReLoRA: random pruning of 99.9% of the factors' Adam moments after "
+                                                    "updates kC + 1 (the default mode when none is given)")
+    optimizer_random_pruning: Optional[float] = option(None, "ReLoRA: zero each Adam moment entry of the factors with "
+                                                             "this probability after updates kC + 1", low=0.0, below=1.0)
+    optimizer_magnitude_pruning: Optional[float] = option(None, "ReLoRA: zero the factors' Adam moment entries with |x| <= "
+                                                                "their quantile at this ratio after updates kC + 1",
+                                                          low=0.0, below=1.0)
 
     # -- evaluation, checkpoints, failures -------------------------------------------------------
     eval_every: int = option(5000, "evaluate every this many updates (and at the end)", low=1)
@@ -306,6 +329,10 @@ def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list
         raise ConfigError(f"--scheduler wsd: the decay ({decay} of {c.num_training_steps} updates, --decay_fraction "
                           f"{c.decay_fraction}) would start before the {c.warmup_steps} warmup updates end; "
                           f"lower --decay_fraction or --warmup_steps")
+    try:
+        relora_config.check_config(c)
+    except ValueError as error:  # ReLoRAError and the schedule's checks: one line each
+        raise ConfigError(str(error)) from None
     if c.single_gpu and world_size > 1:
         raise ConfigError(f"--single_gpu runs one process, but {world_size} were launched; drop --single_gpu or use --nproc_per_node 1")
 

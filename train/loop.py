@@ -32,8 +32,8 @@ import torch
 
 import apollo
 from apollo import quant, sharded
-from train.checkpoint import (PendingCheckpoint, capture_rng, find_checkpoint, load_checkpoint, prune_checkpoints,
-                              restore_rng, save_checkpoint)
+from train.checkpoint import (CheckpointError, PendingCheckpoint, capture_rng, find_checkpoint, load_checkpoint,
+                              prune_checkpoints, restore_rng, save_checkpoint)
 from train.build import build_optimizer, quantize
 from train.config import TrainConfig
 from train.data import build_train_loader
@@ -42,6 +42,7 @@ from train.distributed import (Distributed, StopSignal, all_gather_floats, all_r
 from train.evaluate import evaluate
 from train.metrics import MetricsLogger, default_peak_tflops, device_name, speed_metrics
 from train.model import build_model, compile_layers, compiled_graphs, flops_per_token, parameter_counts
+from train.relora import build_relora
 from train.schedule import lr_multiplier
 
 
@@ -87,6 +88,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
         shard_model(model, ctx, mixed_precision=config.fsdp_mixed_precision, replicate_degree=config.replicate_degree)
     optimizer = build_optimizer(model, config)  # --layerwise: updates run from gradient hooks inside backward
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    relora = build_relora(model, optimizer, config)  # --relora: merges and moment pruning after some updates
     loader = build_train_loader(tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
                                 batch_size=config.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                 workers=config.workers, packing=config.packing, seed=config.data_seed,
@@ -105,6 +107,11 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
         checkpoint = find_checkpoint(config.continue_from)
         trainer_state, rank_state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, rank=ctx.rank)
         state.update(trainer_state["counters"])
+        if relora is not None:
+            if "relora" not in trainer_state:
+                raise CheckpointError(f"{checkpoint}: holds no ReLoRA state (saved without --relora); it cannot resume "
+                                      "a --relora run")
+            relora.load_state_dict(trainer_state["relora"])
         loader.load_state_dict(rank_state["data"])
         restore_rng(rank_state["rng"])
         logger.info(f"resumed from {checkpoint} at update {state['step']}")
@@ -138,7 +145,12 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                                                             "warmup_steps": config.warmup_steps,
                                                             "num_training_steps": config.num_training_steps,
                                                             "min_lr_ratio": config.min_lr_ratio,
-                                                            "decay_fraction": config.decay_fraction}},
+                                                            "decay_fraction": config.decay_fraction,
+                                                            "cycle_length": config.cycle_length,
+                                                            "restart_warmup_steps": config.restart_warmup_steps,
+                                                            "adjust_step": config.adjust_step,
+                                                            "restart_variant": config.restart_variant},
+                                               **({"relora": relora.state_dict()} if relora is not None else {})},
                                 rank_state={"data": loader.state_dict(), "rng": capture_rng()})
         if isinstance(saved, PendingCheckpoint):  # committed at the next save or at the end
             pending.append(saved)
@@ -170,7 +182,9 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
         while step < config.num_training_steps:
             multiplier = lr_multiplier(step, num_training_steps=config.num_training_steps, warmup_steps=config.warmup_steps,
                                        scheduler=config.scheduler, min_lr_ratio=config.min_lr_ratio,
-                                       decay_fraction=config.decay_fraction)
+                                       decay_fraction=config.decay_fraction, cycle_length=config.cycle_length,
+                                       restart_warmup_steps=config.restart_warmup_steps or 0,
+                                       adjust_step=config.adjust_step, restart_variant=config.restart_variant)
             for group, base_lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base_lr * multiplier
 
@@ -217,6 +231,9 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["step"] = step
+            if relora is not None:  # after update kT_m + 1 / kC + 1: merge and re-init, prune the factors' moments
+                for line in relora.after_update(step):
+                    logger.info(line)
             state["tokens_seen"] += int(tokens_total)
             window_tokens += int(tokens_total)
             window_positions += positions_per_update

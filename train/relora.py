@@ -162,6 +162,44 @@ def pruning_mode(*, reset_optimizer_on_relora: bool, optimizer_random_pruning: f
     return "random", RESET_RATIO
 
 
+def check_config(c: Any) -> None:
+    """One-line ValueError for a run config whose ReLoRA or jagged-cosine settings cannot work (train.config.resolve).
+
+    --relora needs --scheduler cosine_restarts (a pruned moment's first step is ~3x an Adam step without
+    its ramp: ReLoRA's Table 6 diverges) and LoRA adapters; it refuses --fsdp (the merge and the pruning
+    work on whole local tensors, not DTensor shards) and --weight_quant (the merge writes W0 in float).
+    """
+    from train.schedule import check_restarts
+
+    if c.scheduler == "cosine_restarts":
+        if c.restart_warmup_steps is None:
+            raise ReLoRAError("--scheduler cosine_restarts needs --restart_warmup_steps (the ramp after each restart, "
+                              "e.g. 100)")
+        check_restarts(num_training_steps=c.num_training_steps, warmup_steps=c.warmup_steps, cycle_length=c.cycle_length,
+                       restart_warmup_steps=c.restart_warmup_steps, adjust_step=c.adjust_step, variant=c.restart_variant)
+    else:
+        for flag, value, default in (("restart_warmup_steps", c.restart_warmup_steps, None), ("adjust_step", c.adjust_step, 0),
+                                     ("restart_variant", c.restart_variant, "galore")):
+            if value != default:
+                raise ReLoRAError(f"--{flag} applies to --scheduler cosine_restarts only, not {c.scheduler}")
+        if c.cycle_length is not None and c.relora is None:
+            raise ReLoRAError("--cycle_length applies to --scheduler cosine_restarts and --relora only")
+    if c.relora is None:
+        for flag in ("reset_optimizer_on_relora", "optimizer_random_pruning", "optimizer_magnitude_pruning"):
+            if getattr(c, flag) not in (None, False):
+                raise ReLoRAError(f"--{flag} needs --relora (the merge interval T_m)")
+        return
+    if c.scheduler != "cosine_restarts":
+        raise ReLoRAError(f"--relora needs --scheduler cosine_restarts (not {c.scheduler}): moments pruned without the "
+                          "restart ramp make the next steps ~3x too large")
+    pruning_mode(reset_optimizer_on_relora=c.reset_optimizer_on_relora, optimizer_random_pruning=c.optimizer_random_pruning,
+                 optimizer_magnitude_pruning=c.optimizer_magnitude_pruning)
+    for flag, why in (("fsdp", "the merge and the pruning work on whole tensors, not FSDP2 shards"),
+                      ("weight_quant", "the merge writes the frozen weights in float")):
+        if getattr(c, flag):
+            raise ReLoRAError(f"--relora does not combine with --{flag}: {why}")
+
+
 class ReLoRA:
     """The merge/re-init and pruning timetable of one run; `after_update(u)` is called after every update.
 
@@ -213,3 +251,14 @@ class ReLoRA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.merges, self.prunes = int(state["merges"]), int(state["prunes"])
         self.generator.set_state(state["generator"])
+
+
+def build_relora(model: nn.Module, optimizer: Any, config: Any) -> ReLoRA | None:
+    """The run's ReLoRA (None without --relora); `config` is a resolved TrainConfig (check_config passed)."""
+    if config.relora is None:
+        return None
+    mode, ratio = pruning_mode(reset_optimizer_on_relora=config.reset_optimizer_on_relora,
+                               optimizer_random_pruning=config.optimizer_random_pruning,
+                               optimizer_magnitude_pruning=config.optimizer_magnitude_pruning)
+    return ReLoRA(model, optimizer, relora_every=config.relora, cycle_length=config.cycle_length, mode=mode, ratio=ratio,
+                  seed=config.seed)
