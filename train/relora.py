@@ -99,12 +99,10 @@ def _moments(model: nn.Module, optimizer: Any) -> Iterator[tuple[str, str, torch
 
 
 def check_optimizer_states(model: nn.Module, optimizer: Any) -> None:
-    """ReLoRAError unless every lora_ parameter with optimizer state holds exp_avg and exp_avg_sq of its own shape
-    (Adam's elementwise moments: what the pruning rules are defined on)."""
+    """ReLoRAError unless every lora_ parameter's optimizer state holds exp_avg and exp_avg_sq of its own shape
+    (Adam's elementwise moments: what the pruning rules are defined on). Call it after an update: states are lazy."""
     for name, param in lora_parameters(model):
-        entry = optimizer.state.get(param)
-        if entry is None:
-            continue
+        entry = optimizer.state.get(param, {})
         for key in MOMENTS:
             value = entry.get(key)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(param.shape):
