@@ -190,6 +190,15 @@ def check_config(c: Any) -> None:
     if c.scheduler != "cosine_restarts":
         raise ReLoRAError(f"--relora needs --scheduler cosine_restarts (not {c.scheduler}): moments pruned without the "
                           "restart ramp make the next steps ~3x too large")
+    adapter = getattr(c, "adapter", "none")
+    if adapter == "none":
+        raise ReLoRAError("--relora needs --adapter lora (with --lora_rank): it merges the LoRA factors into the frozen "
+                          "weights")
+    from train.adapters import get_adapter
+
+    if not get_adapter(adapter).keeps_base:
+        raise ReLoRAError(f"--relora merges B A into a frozen W0, which --adapter {adapter} does not keep; use an adapter "
+                          "with a frozen base weight (--adapter lora)")
     pruning_mode(reset_optimizer_on_relora=c.reset_optimizer_on_relora, optimizer_random_pruning=c.optimizer_random_pruning,
                  optimizer_magnitude_pruning=c.optimizer_magnitude_pruning)
     for flag, why in (("fsdp", "the merge and the pruning work on whole tensors, not FSDP2 shards"),

@@ -254,3 +254,88 @@ def test_pruning_mode_refuses_two_modes_and_bad_ratios():
         pruning_mode(reset_optimizer_on_relora=True, optimizer_random_pruning=None, optimizer_magnitude_pruning=0.9)
     with pytest.raises(ReLoRAError, match=r"--optimizer_random_pruning must be in \[0, 1\), got 1.0"):
         pruning_mode(reset_optimizer_on_relora=False, optimizer_random_pruning=1.0, optimizer_magnitude_pruning=None)
+
+
+# ----------------------------------------------------------------------------- through the CLI
+
+def relora_flags(**overrides):
+    """9 updates of a tiny LoRA model, T_m = C = 3 (merge and prune after updates 4 and 7), Wr 1, random pruning at
+    0.5 (the generator's masks matter), checkpoints every 2 updates: 4 is right after a merge, 6 between two."""
+    return {"optimizer": "adamw", "adapter": "lora", "lora_rank": 4, "relora": 3, "cycle_length": 3,
+            "restart_warmup_steps": 1, "optimizer_random_pruning": 0.5, "scheduler": "cosine_restarts",
+            "num_training_steps": 9, "warmup_steps": 1, "save_every": 2, "eval_every": 9, **overrides}
+
+
+@pytest.fixture(scope="module")
+def relora_run(tmp_path_factory, c4_dir, tokenizer_dir):
+    from tests.train.test_cli import tiny_args
+    from train import __main__ as cli
+
+    folder = tmp_path_factory.mktemp("relora")
+    argv = tiny_args(folder, c4_dir, tokenizer_dir, folder / "run", **relora_flags())
+    assert cli.main(argv) == 0
+    return {"folder": folder, "run": folder / "run", "argv": argv}
+
+
+def test_cli_run_merges_prunes_and_logs_on_the_timetable(relora_run):
+    from tests.train.test_cli import read_metrics
+
+    run = relora_run["run"]
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 10))
+    trainer = {step: torch.load(run / f"step_{step:07d}" / "trainer.pt", weights_only=True) for step in (2, 4, 6, 8, 9)}
+    assert [(trainer[s]["relora"]["merges"], trainer[s]["relora"]["prunes"]) for s in (2, 4, 6, 8, 9)] == [
+        (0, 0), (1, 1), (1, 1), (2, 2), (2, 2)]
+    from safetensors.torch import load_file
+    after_merge = load_file(run / "step_0000004" / "model.safetensors")
+    b = [v for k, v in after_merge.items() if "lora_B" in k]
+    assert b and all(torch.count_nonzero(v) == 0 for v in b)  # re-initialised after update 4, not yet trained
+
+
+@pytest.mark.parametrize("resume_at", [4, 6], ids=["right-after-a-merge", "between-two-merges"])
+def test_cli_resume_across_a_merge_is_bit_identical(relora_run, resume_at):
+    from tests.train.test_cli import weights
+    from train import __main__ as cli
+
+    resumed = relora_run["folder"] / f"resumed-{resume_at}"
+    argv = relora_run["argv"] + ["--continue_from", str(relora_run["run"] / f"step_{resume_at:07d}"),
+                                 "--save_dir", str(resumed)]
+    assert cli.main(argv) == 0
+    expected, got = weights(relora_run["run"] / "step_0000009"), weights(resumed / "step_0000009")
+    assert expected.keys() == got.keys() and any("lora_A" in key for key in expected)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    saved = torch.load(relora_run["run"] / "step_0000009" / "trainer.pt", weights_only=True)["relora"]
+    again = torch.load(resumed / "step_0000009" / "trainer.pt", weights_only=True)["relora"]
+    assert torch.equal(saved["generator"], again["generator"]) and saved["merges"] == again["merges"] == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"adapter": None, "lora_rank": None}, "--relora needs --adapter lora"),
+    ({"scheduler": "cosine"}, "--relora needs --scheduler cosine_restarts (not cosine)"),
+    ({"reset_optimizer_on_relora": True}, "give one optimizer pruning mode for --relora, not --reset_optimizer_on_relora "
+                                          "and --optimizer_random_pruning"),
+    ({"optimizer_random_pruning": 1.5}, "--optimizer_random_pruning must be in [0, 1), got 1.5"),
+    ({"cycle_length": 4}, "--num_training_steps 9 must be divisible by --cycle_length 4"),
+    ({"restart_warmup_steps": None}, "--scheduler cosine_restarts needs --restart_warmup_steps"),
+    ({"relora": None}, "--optimizer_random_pruning needs --relora"),
+])
+def test_cli_refusals_are_one_line_and_create_nothing(overrides, message, tmp_path, c4_dir, tokenizer_dir, capsys):
+    from tests.train.test_cli import tiny_args
+    from train import __main__ as cli
+
+    run = tmp_path / "run"
+    assert cli.main(tiny_args(tmp_path, c4_dir, tokenizer_dir, run, **relora_flags(**overrides))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+    assert not run.exists()
+
+
+def test_cli_refuses_an_optimizer_without_adam_moments_at_the_first_update(tmp_path, c4_dir, tokenizer_dir, capsys):
+    """SCALE keeps no moments for the factors: found once the first update made the states (exit 2, one line)."""
+    from tests.train.test_cli import tiny_args
+    from train import __main__ as cli
+
+    argv = tiny_args(tmp_path, c4_dir, tokenizer_dir, tmp_path / "run", **relora_flags(optimizer="scale"))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --relora prunes Adam's elementwise moments") and "lora_A" in err, err
