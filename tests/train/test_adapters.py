@@ -219,3 +219,29 @@ def test_cli_run_trains_the_factors_and_resumes_bit_exactly(adapter_run):
     for key in final:  # dropout masks included: the RNG is restored after the loader's start-up draws
         assert torch.equal(final[key], got[key]), f"{name}: {key}"
     assert [r["loss"] for r in read_metrics(resumed) if "loss" in r] == losses[2:]
+
+
+def test_export_is_a_plain_llama_with_the_trained_logits(adapter_run, tmp_path):
+    """train.export merges the factors: from_pretrained gives a plain LlamaForCausalLM (no peft layer, no adapter
+    key) whose logits are the trained model's (float32 run: the merged W rounds once, so to ~1e-6)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from train import export
+    from train.model import build_model
+
+    run, name = adapter_run["run"], adapter_run["name"]
+    out = tmp_path / "hf"
+    assert export.main([str(run), "--out", str(out)]) == 0
+    assert not [key for key in load_file(out / "model.safetensors") if "lora" in key or "base_layer" in key]
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert type(exported.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    trained = build_model(adapter_run["folder"] / "llama_tiny.json")
+    adapters.apply_adapter(trained, adapter_config(name))
+    trained.load_state_dict(weights(run / "step_0000004"))
+    trained.eval()
+    tokens = torch.randint(2, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = trained(tokens).logits, exported(tokens).logits
+    assert torch.allclose(got, expected, rtol=0, atol=2e-5), (got - expected).abs().max()
+    assert not torch.equal(expected, build_model(adapter_run["folder"] / "llama_tiny.json")(tokens).logits)
