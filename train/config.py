@@ -28,7 +28,7 @@ import apollo
 from apollo.layerwise import check_layerwise
 from apollo.quant import SUPPORTED_BITS
 from train.schedule import decay_steps
-from train import optimizer_flags
+from train import adapters, optimizer_flags
 from train import relora as relora_config
 from train.optimizer_flags import optimizer_options  # noqa: F401  (re-exported: the trainer's options for the registry)
 
@@ -158,6 +158,18 @@ class TrainConfig:
                                     "no accumulation, no clipping)")
     compile: bool = option(False, "compile each decoder layer with torch.compile (inductor), after activation "
                                   "checkpointing and before FSDP2/DDP; graphs compiled after the first update are logged")
+
+    # -- model-side adapters (LoRA, Low-Rank: train/adapters.py) ---------------------------------
+    adapter: str = option("none", "train adapters instead of the attention/MLP weights: lora (W0 frozen at its init "
+                                  "+ (alpha/r) B A, peft) or low_rank (the weight replaced by (alpha/r) B A, no W0)",
+                          choices=("none", *adapters.ADAPTERS))
+    lora_rank: Optional[int] = option(None, "rank r of the adapters' factors (required with --adapter; below min(m, n) "
+                                            "of every attention/MLP weight)", low=1)
+    lora_alpha: float = option(32.0, "adapter scale numerator: s = alpha / r", above=0.0)
+    lora_dropout: float = option(0.05, "dropout on the adapters' input (GaLore's LoRA value)", low=0.0, below=1.0)
+    lora_init: Optional[str] = option(None, "init of the factors: zero_b (A kaiming-uniform, B = 0; LoRA's default) or "
+                                            "uniform (both U(+-1/sqrt fan_in); Low-Rank's default)",
+                                      choices=("zero_b", "uniform"))
 
     # -- relora: ReLoRA's merges, optimizer pruning and jagged cosine (train/relora.py) ---------------
     cycle_length: Optional[int] = option(None, "--scheduler cosine_restarts: updates per cycle C (must divide "
@@ -340,6 +352,7 @@ def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not c.fsdp
         c.dtype = "bfloat16" if bf16 else "float32"
     warnings += _resolve_optimizer_flags(c)
+    _resolve_adapter(c)
     warnings += _resolve_memory_modes(c, world_size)
     if c.wandb is None:
         env_mode = os.environ.get("WANDB_MODE", "online")
@@ -398,6 +411,22 @@ def _resolve_optimizer_flags(c: TrainConfig) -> list[str]:
         warnings.append(f"--state_dtype float32 is ignored by {c.optimizer}: its states follow the weights ({c.dtype})")
         c.state_dtype = "param"
     return warnings
+
+
+def _resolve_adapter(c: TrainConfig) -> None:
+    """--adapter and its flags: a flag without an adapter, an adapter without --lora_rank, and the modes and
+    optimizers the adapter's spec refuses (train/adapters.py) are one-line errors."""
+    if c.adapter == "none":
+        defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
+        given = [flag for flag in adapters.FLAGS if getattr(c, flag) != defaults[flag]]
+        if given:
+            raise ConfigError(f"--{given[0]} needs --adapter lora or low_rank")
+        return
+    if c.lora_rank is None:
+        raise ConfigError(f"--adapter {c.adapter} needs --lora_rank (the rank r of its factors)")
+    refusal = adapters.refusal(c)
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def _resolve_memory_modes(c: TrainConfig, world_size: int) -> list[str]:

@@ -20,6 +20,7 @@ since a run that recompiles every update is slower than an eager one.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -34,6 +35,8 @@ import apollo
 from apollo import quant, sharded
 from train.checkpoint import (CheckpointError, PendingCheckpoint, capture_rng, find_checkpoint, load_checkpoint,
                               prune_checkpoints, restore_rng, save_checkpoint)
+from train import adapters
+from train.adapters import apply_adapter
 from train.build import build_optimizer, quantize
 from train.config import TrainConfig
 from train.data import build_train_loader
@@ -80,7 +83,9 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     model = build_model(config.model_config, dtype=config.dtype, device=ctx.device,
                         activation_checkpointing=config.activation_checkpointing)
     counts = parameter_counts(model)  # before quantisation: the int8 layers are no longer nn.Linear
-    model_flops = flops_per_token(model.config, config.max_length, counts["total"])
+    adapter_counts = apply_adapter(model, config)  # --adapter: LoRA / Low-Rank factors, before the optimizer sees them
+    # 6 FLOPs per trained value and token; a frozen W0 costs its forward and input gradient only (4)
+    model_flops = flops_per_token(model.config, config.max_length, adapter_counts["trainable"]) + 4 * adapter_counts["frozen"]
     if config.compile:  # torchtitan's order: activation checkpointing (build_model), compile, then FSDP2/DDP
         compile_layers(model)
     quantize(model, config)  # --weight_quant: uint8 attention/MLP weights, before DDP and the optimizer see them
@@ -96,13 +101,17 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     logger = MetricsLogger(run_dir, config.to_dict(), wandb_mode=config.wandb, project=config.project, name=config.name,
                            entity=config.entity, total_steps=config.num_training_steps, enabled=ctx.is_main)
     logger.summarize({f"params/{key}": value for key, value in counts.items()})
+    if config.adapter != "none":
+        logger.summarize({f"params/adapter_{key}": value for key, value in adapter_counts.items()})
+        logger.info(f"adapter: {adapters.describe(config, adapter_counts)}")
     peak = config.peak_tflops or default_peak_tflops(device_name(ctx.device))
     logger.summarize({"flops_per_token": model_flops, "peak_tflops": peak})
     if peak is None:
         logger.info(f"MFU not logged: no known peak for device '{device_name(ctx.device)}'; give it with --peak_tflops")
 
-    # -- resume: weights, optimizer, counters, data position, RNG (last, so nothing above consumes it)
+    # -- resume: weights, optimizer, counters, data position; the RNG once the loop has started the loader
     state = {"step": 0, "tokens_seen": 0, "last_eval_step": -1, "skipped_updates": 0}
+    saved_rng = None
     if config.continue_from:
         checkpoint = find_checkpoint(config.continue_from)
         trainer_state, rank_state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, rank=ctx.rank)
@@ -113,7 +122,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                                       "a --relora run")
             relora.load_state_dict(trainer_state["relora"])
         loader.load_state_dict(rank_state["data"])
-        restore_rng(rank_state["rng"])
+        saved_rng = rank_state["rng"]  # restored after iter(loader) below, which draws a seed from torch's RNG
         logger.info(f"resumed from {checkpoint} at update {state['step']}")
     start_step = state["step"]
     logger.bar.update(start_step)
@@ -172,7 +181,12 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     # -- the loop --------------------------------------------------------------------------------
     ddp_model = model if config.fsdp else wrap_model(model, ctx, single_gpu=config.single_gpu)
     ddp_model.train()
+    # the loader draws from torch's RNG when it starts (its iterator and first batch); a fresh run did that before
+    # update 1, so a resumed run restores the saved RNG only after it: dropout (--adapter) then draws the same masks
     batches = iter(loader)
+    if saved_rng is not None:
+        batches = itertools.chain([next(batches)], batches)
+        restore_rng(saved_rng)
     stop = StopSignal()
     step, accum = start_step, config.gradient_accumulation
     window_seconds, window_tokens, exit_code = 0.0, 0, 1  # throughput counts update time only, not eval/save

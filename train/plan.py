@@ -7,6 +7,8 @@ the phase of the step that sets the peak (DDP's buckets; FSDP2's per-rank shards
 """
 from __future__ import annotations
 
+from train import adapters
+from train.adapters import apply_adapter
 from train.build import build_optimizer
 from train.config import TrainConfig, optimizer_options
 from train.memory import estimate
@@ -58,6 +60,7 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
     """Lines that describe the resolved run for `world_size` processes."""
     model = build_model(config.model_config, dtype=config.dtype, device="meta")
     counts = parameter_counts(model)
+    adapter_counts = apply_adapter(model, config)  # the optimizer below sees the factors, not the frozen W0
     tokens_per_update = config.total_batch_size * config.max_length
     memory = estimate(
         config.model_config, optimizer=config.optimizer, batch_size=config.batch_size, max_length=config.max_length,
@@ -75,6 +78,7 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         f"dry run: {config.name} -> {config.save_dir}",
         f"model: {config.model_config}: {counts['total'] / 1e6:.1f}M parameters; {config.dtype}",
         f"optimizer: {_optimizer_summary(config, model)}",
+        f"adapter: {adapters.describe(config, adapter_counts)}",
         f"memory modes: {_memory_modes(config)}",
         f"batch: {config.batch_size} sequences x {config.gradient_accumulation} accumulation x {processes} = "
         f"{config.total_batch_size} sequences x {config.max_length} tokens = {tokens_per_update:,} token slots per update",

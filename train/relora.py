@@ -169,6 +169,9 @@ def check_config(c: Any) -> None:
     """
     from train.schedule import check_restarts
 
+    if c.relora is not None and c.scheduler != "cosine_restarts":
+        raise ReLoRAError(f"--relora needs --scheduler cosine_restarts (not {c.scheduler}): moments pruned without the "
+                          "restart ramp make the next steps ~3x too large")
     if c.scheduler == "cosine_restarts":
         if c.restart_warmup_steps is None:
             raise ReLoRAError("--scheduler cosine_restarts needs --restart_warmup_steps (the ramp after each restart, "
@@ -187,9 +190,6 @@ def check_config(c: Any) -> None:
             if getattr(c, flag) not in (None, False):
                 raise ReLoRAError(f"--{flag} needs --relora (the merge interval T_m)")
         return
-    if c.scheduler != "cosine_restarts":
-        raise ReLoRAError(f"--relora needs --scheduler cosine_restarts (not {c.scheduler}): moments pruned without the "
-                          "restart ramp make the next steps ~3x too large")
     adapter = getattr(c, "adapter", "none")
     if adapter == "none":
         raise ReLoRAError("--relora needs --adapter lora (with --lora_rank): it merges the LoRA factors into the frozen "
