@@ -7,7 +7,7 @@ the phase of the step that sets the peak (DDP's buckets; FSDP2's per-rank shards
 """
 from __future__ import annotations
 
-from train import adapters
+from train import adapters, relora
 from train.adapters import apply_adapter
 from train.build import build_optimizer
 from train.config import TrainConfig, optimizer_options
@@ -50,7 +50,10 @@ def _memory_modes(config: TrainConfig) -> str:
 
 
 def _wsd_decay(config: TrainConfig) -> str:
-    """' (decay over the last D updates)' for --scheduler wsd, else ''."""
+    """' (decay over the last D updates)' for --scheduler wsd, the restarts for cosine_restarts, else ''."""
+    if config.scheduler == "cosine_restarts":
+        return (f" (restarts every {config.cycle_length:,} updates, ramps of {config.restart_warmup_steps:,}, "
+                f"{config.restart_variant} variant)")
     if config.scheduler != "wsd":
         return ""
     return f" (linear decay over the last {decay_steps(config.num_training_steps, config.decay_fraction):,} updates)"
@@ -79,6 +82,7 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         f"model: {config.model_config}: {counts['total'] / 1e6:.1f}M parameters; {config.dtype}",
         f"optimizer: {_optimizer_summary(config, model)}",
         f"adapter: {adapters.describe(config, adapter_counts)}",
+        *([f"relora: {relora.describe(config)}"] if config.relora is not None else []),
         f"memory modes: {_memory_modes(config)}",
         f"batch: {config.batch_size} sequences x {config.gradient_accumulation} accumulation x {processes} = "
         f"{config.total_batch_size} sequences x {config.max_length} tokens = {tokens_per_update:,} token slots per update",

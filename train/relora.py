@@ -269,3 +269,14 @@ def build_relora(model: nn.Module, optimizer: Any, config: Any) -> ReLoRA | None
                                optimizer_magnitude_pruning=config.optimizer_magnitude_pruning)
     return ReLoRA(model, optimizer, relora_every=config.relora, cycle_length=config.cycle_length, mode=mode, ratio=ratio,
                   seed=config.seed)
+
+
+def describe(config: Any) -> str:
+    """One line for --dry_run: the timetable and the pruning mode of a --relora config."""
+    mode, ratio = pruning_mode(reset_optimizer_on_relora=config.reset_optimizer_on_relora,
+                               optimizer_random_pruning=config.optimizer_random_pruning,
+                               optimizer_magnitude_pruning=config.optimizer_magnitude_pruning)
+    merges = (config.num_training_steps - 1) // config.relora  # after updates k T_m + 1 <= N, k >= 1
+    return (f"merge into W0 and re-init every {config.relora:,} updates ({merges} merges, after updates k x "
+            f"{config.relora:,} + 1); {mode} pruning of the factors' Adam moments at {ratio:g} after updates k x "
+            f"{config.cycle_length:,} + 1")

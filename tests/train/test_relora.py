@@ -1,6 +1,7 @@
 """ReLoRA by parts (PEERS.md "### Parity oracles"): the jagged lr against hand-written tables, the merge keeps the
 function, k merges sum their products into W0, pruning follows its rule on the moments only, the timetable,
 the generator's state, the refusals."""
+import copy
 import math
 
 import pytest
@@ -142,6 +143,18 @@ def test_merge_adds_in_w0_dtype_bfloat16(tiny_llama):
 
 # ----------------------------------------------------------------------------- pruning
 
+@pytest.fixture(scope="module")
+def adamw_stepped():
+    """(LoRA model, AdamW) after two steps, built once; tests take `copy.deepcopy` of the pair (the state stays
+    keyed by the copied parameters)."""
+    from tests.conftest import make_tiny_llama
+    return stepped(make_tiny_llama)
+
+
+def fresh(pair):
+    return copy.deepcopy(pair)
+
+
 def stepped(tiny_llama, optimizer_class=torch.optim.AdamW, **kwargs):
     """A LoRA model after two optimizer steps (B moved, so every factor has nonzero moments)."""
     model = lora_model(tiny_llama)
@@ -157,8 +170,8 @@ def stepped(tiny_llama, optimizer_class=torch.optim.AdamW, **kwargs):
     return model, optimizer
 
 
-def test_random_pruning_zeroes_the_generators_mask_on_lora_moments_only(tiny_llama):
-    model, optimizer = stepped(tiny_llama)
+def test_random_pruning_zeroes_the_generators_mask_on_lora_moments_only(adamw_stepped):
+    model, optimizer = fresh(adamw_stepped)
     lora = dict(lora_parameters(model))
     assert len(lora) == 4 * len(TARGETS)  # A and B of 7 targets in 2 layers
     before = {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in optimizer.state.items()}
@@ -189,8 +202,8 @@ def test_magnitude_pruning_quantile_rule():
     assert torch.equal(tensor, values.reshape(10, 10) * (values.abs() > 90).reshape(10, 10))
 
 
-def test_magnitude_pruning_on_moments_leaves_the_expected_count(tiny_llama):
-    model, optimizer = stepped(tiny_llama)
+def test_magnitude_pruning_on_moments_leaves_the_expected_count(adamw_stepped):
+    model, optimizer = fresh(adamw_stepped)
     prune_moments(model, optimizer, mode="magnitude", ratio=0.9, generator=torch.Generator())
     for name, param in lora_parameters(model):
         for key in ("exp_avg", "exp_avg_sq"):
@@ -201,8 +214,8 @@ def test_magnitude_pruning_on_moments_leaves_the_expected_count(tiny_llama):
 
 # ----------------------------------------------------------------------------- the timetable, state, refusals
 
-def test_timetable_merges_after_k_tm_plus_1_and_prunes_after_k_c_plus_1(tiny_llama):
-    model, optimizer = stepped(tiny_llama)
+def test_timetable_merges_after_k_tm_plus_1_and_prunes_after_k_c_plus_1(adamw_stepped):
+    model, optimizer = fresh(adamw_stepped)
     relora = ReLoRA(model, optimizer, relora_every=3, cycle_length=6, mode="random", ratio=RESET_RATIO, seed=0)
     schedule = {u: relora.due(u) for u in range(1, 15)}
     assert [u for u, (merge, _) in schedule.items() if merge] == [4, 7, 10, 13]
@@ -211,8 +224,8 @@ def test_timetable_merges_after_k_tm_plus_1_and_prunes_after_k_c_plus_1(tiny_lla
     assert relora.merges == 1 and relora.prunes == 1 and "merge 1" in lines[0] and "random pruning 1" in lines[1]
 
 
-def test_generator_is_seeded_apart_and_its_state_restores(tiny_llama):
-    model, optimizer = stepped(tiny_llama)
+def test_generator_is_seeded_apart_and_its_state_restores(adamw_stepped):
+    model, optimizer = fresh(adamw_stepped)
     relora = ReLoRA(model, optimizer, relora_every=2, cycle_length=2, mode="random", ratio=0.5, seed=5)
     assert torch.equal(relora.generator.get_state(), torch.Generator().manual_seed(5 + SEED_OFFSET).get_state())
     relora.after_update(3)
@@ -223,11 +236,11 @@ def test_generator_is_seeded_apart_and_its_state_restores(tiny_llama):
     assert (other.merges, other.prunes) == (1, 1) and torch.equal(torch.rand(4, generator=other.generator), expected)
 
 
-def test_refuses_an_optimizer_without_adam_moments(tiny_llama):
+def test_refuses_an_optimizer_without_adam_moments(tiny_llama, adamw_stepped):
     model, optimizer = stepped(tiny_llama, torch.optim.SGD, momentum=0.9)
     with pytest.raises(ReLoRAError, match=r"SGD's state of .*lora_A.* holds momentum_buffer .*use an Adam-type optimizer"):
         check_optimizer_states(model, optimizer)
-    model, optimizer = stepped(tiny_llama)
+    model, optimizer = fresh(adamw_stepped)
     check_optimizer_states(model, optimizer)  # AdamW: accepted
 
 
@@ -339,3 +352,15 @@ def test_cli_refuses_an_optimizer_without_adam_moments_at_the_first_update(tmp_p
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --relora prunes Adam's elementwise moments") and "lora_A" in err, err
+
+
+def test_dry_run_describes_the_timetable(tmp_path, c4_dir, tokenizer_dir, capsys):
+    """N = 9, T_m = C = 3: merges after updates 4 and 7 (two); the schedule line names the restarts."""
+    from tests.train.test_cli import tiny_args
+    from train import __main__ as cli
+
+    assert cli.main(tiny_args(tmp_path, c4_dir, tokenizer_dir, tmp_path / "run", **relora_flags(), dry_run=True)) == 0
+    out = capsys.readouterr().out
+    assert ("relora: merge into W0 and re-init every 3 updates (2 merges, after updates k x 3 + 1); random pruning of "
+            "the factors' Adam moments at 0.5 after updates k x 3 + 1") in out, out
+    assert "cosine_restarts (restarts every 3 updates, ramps of 1, galore variant)" in out
