@@ -364,3 +364,24 @@ def test_dry_run_describes_the_timetable(tmp_path, c4_dir, tokenizer_dir, capsys
     assert ("relora: merge into W0 and re-init every 3 updates (2 merges, after updates k x 3 + 1); random pruning of "
             "the factors' Adam moments at 0.5 after updates k x 3 + 1") in out, out
     assert "cosine_restarts (restarts every 3 updates, ramps of 1, galore variant)" in out
+
+
+def test_pruning_reaches_layerwise_states(tiny_llama):
+    """--layerwise: one AdamW per parameter stepped inside backward; its merged `state` view holds the same dicts,
+    so the pruning zeroes the per-parameter optimizers' moments (the generator's mask, as for the joint one)."""
+    from apollo.layerwise import LayerwiseOptimizer
+
+    model = lora_model(tiny_llama)
+    optimizer = LayerwiseOptimizer(model, "adamw", lr=1e-2)
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=batch, labels=batch).loss.backward()  # the update runs in the hooks
+    check_optimizer_states(model, optimizer)
+    before = {p: optimizer.state[p]["exp_avg_sq"].clone() for _, p in lora_parameters(model)}
+    assert sum(int(torch.count_nonzero(v)) for v in before.values()) > 1000  # B's moments (A's gradient is 0 at B = 0)
+    prune_moments(model, optimizer, mode="random", ratio=0.5, generator=torch.Generator().manual_seed(1))
+    shadow = torch.Generator().manual_seed(1)
+    inner = {p: s for opt in optimizer.optimizers for p, s in opt.state.items()}
+    for _, param in lora_parameters(model):
+        torch.rand(param.shape, generator=shadow)  # exp_avg's mask
+        keep = torch.rand(param.shape, generator=shadow) > 0.5
+        assert torch.equal(inner[param]["exp_avg_sq"], before[param] * keep)
