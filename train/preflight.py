@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from train.adapters import apply_adapter
+from train.relora import ReLoRAError, check_meta_states
 from train.build import build_optimizer, quantize
 from train.checkpoint import (CheckpointError, check_fits, checkpoint_folders, checkpoint_world_size, damage,
                               select_checkpoint, step_of)
@@ -82,6 +83,11 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[TrainConfig, Any, l
         meta_optimizer = build_optimizer(meta_model, config)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"--optimizer {config.optimizer}: {error}") from None
+    if config.relora is not None:  # ReLoRA prunes Adam's moments: a meta step shows what the optimizer keeps
+        try:
+            check_meta_states(meta_model, meta_optimizer)
+        except ReLoRAError as error:
+            raise ConfigError(str(error)) from None
     if checkpoint is not None:
         try:
             check_fits(checkpoint, meta_model, meta_optimizer)

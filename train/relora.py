@@ -112,6 +112,18 @@ def check_optimizer_states(model: nn.Module, optimizer: Any) -> None:
                                   "use an Adam-type optimizer such as --optimizer adamw")
 
 
+def check_meta_states(model: nn.Module, optimizer: Any) -> None:
+    """check_optimizer_states before anything exists: one step of `optimizer` over a meta-device `model` (every
+    trainable parameter given a meta gradient) creates its real state's keys and shapes, no numbers
+    (train/preflight.py; every registered optimizer's meta step is checked by the contract suite)."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.empty_like(param)
+    for inner in getattr(optimizer, "optimizers", None) or [optimizer]:  # --layerwise: one optimizer per parameter
+        inner.step()
+    check_optimizer_states(model, optimizer)
+
+
 def random_prune_(tensor: torch.Tensor, ratio: float, generator: torch.Generator) -> None:
     """Zero each entry with probability `ratio`: keep where u > ratio, u ~ U[0, 1) drawn on the CPU from `generator`."""
     keep = torch.rand(tensor.shape, generator=generator) > ratio

@@ -343,15 +343,19 @@ def test_cli_refusals_are_one_line_and_create_nothing(overrides, message, tmp_pa
     assert not run.exists()
 
 
-def test_cli_refuses_an_optimizer_without_adam_moments_at_the_first_update(tmp_path, c4_dir, tokenizer_dir, capsys):
-    """SCALE keeps no moments for the factors: found once the first update made the states (exit 2, one line)."""
+@pytest.mark.parametrize("layerwise", [False, True], ids=["joint", "layerwise"])
+def test_cli_refuses_an_optimizer_without_adam_moments_before_anything_exists(layerwise, tmp_path, c4_dir,
+                                                                               tokenizer_dir, capsys):
+    """SCALE keeps no Adam moments for the factors: the preflight's meta-device step shows it (exit 2, one line)."""
     from tests.train.test_cli import tiny_args
     from train import __main__ as cli
 
-    argv = tiny_args(tmp_path, c4_dir, tokenizer_dir, tmp_path / "run", **relora_flags(optimizer="scale"))
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    run = tmp_path / "run"
+    flags = relora_flags(optimizer="scale", **({"layerwise": True, "gradient_accumulation": 1} if layerwise else {}))
+    assert cli.main(tiny_args(tmp_path, c4_dir, tokenizer_dir, run, **flags)) == 2
+    err = capsys.readouterr().err.strip()
     assert err.startswith("error: --relora prunes Adam's elementwise moments") and "lora_A" in err, err
+    assert len(err.splitlines()) == 1 and not run.exists()
 
 
 def test_dry_run_describes_the_timetable(tmp_path, c4_dir, tokenizer_dir, capsys):
