@@ -331,6 +331,9 @@ def test_cli_resume_across_a_merge_is_bit_identical(relora_run, resume_at):
     ({"cycle_length": 4}, "--num_training_steps 9 must be divisible by --cycle_length 4"),
     ({"restart_warmup_steps": None}, "--scheduler cosine_restarts needs --restart_warmup_steps"),
     ({"relora": None}, "--optimizer_random_pruning needs --relora"),
+    ({"adapter": "low_rank"}, "--relora merges B A into a frozen W0, which --adapter low_rank does not keep"),
+    ({"fsdp": True}, "--relora does not combine with --fsdp: the merge and the pruning work on whole tensors"),
+    ({"restart_variant": "relora_head", "warmup_steps": 4}, "--warmup_steps 4 + --adjust_step 0 must be <= --cycle_length 3"),
 ])
 def test_cli_refusals_are_one_line_and_create_nothing(overrides, message, tmp_path, c4_dir, tokenizer_dir, capsys):
     from tests.train.test_cli import tiny_args
