@@ -56,6 +56,17 @@ class AdapterSettings:
 
 
 @dataclass(frozen=True)
+class AdapterChoice:
+    """The adapter fields of a TrainConfig on their own (same names), for callers without one: train.memory."""
+
+    adapter: str = "none"
+    lora_rank: int | None = None
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_init: str | None = None
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     """One model-side row.
 
@@ -214,7 +225,7 @@ def refusal(config: Any) -> str | None:
         return None
     spec = get_adapter(config.adapter)
     for mode, reason in spec.refuses.items():
-        if getattr(config, mode):
+        if getattr(config, mode, False):
             return f"--adapter {spec.name} does not combine with --{mode}: {reason}"
     if "rank" in apollo.get_spec(config.optimizer).options:
         return (f"--adapter {spec.name} does not work with --optimizer {config.optimizer}: it projects the attention/MLP "
