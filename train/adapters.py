@@ -291,6 +291,19 @@ def merge_state_dict(state: dict[str, torch.Tensor], config: Any) -> dict[str, t
     return get_adapter(config["adapter"]).merge(state, resolved)
 
 
+def row_label(config: Mapping[str, Any]) -> str:
+    """A saved run config's row: its optimizer, or "optimizer+adapter" (adamw+lora) when it trains adapters."""
+    adapter = config.get("adapter", "none")
+    return config["optimizer"] if adapter == "none" else f"{config['optimizer']}+{adapter}"
+
+
+def choice(config: Mapping[str, Any]) -> AdapterChoice | None:
+    """The adapter fields of a saved run config (None without an adapter), for train.memory."""
+    if config.get("adapter", "none") == "none":
+        return None
+    return AdapterChoice(**{key: config[key] for key in ("adapter", *FLAGS) if key in config})
+
+
 class _Namespace:
     """Attribute access over a saved config dict (config.json, a checkpoint's config)."""
 
