@@ -56,6 +56,17 @@ class AdapterSettings:
 
 
 @dataclass(frozen=True)
+class AdapterChoice:
+    """The adapter fields of a TrainConfig on their own (same names), for callers without one: train.memory."""
+
+    adapter: str = "none"
+    lora_rank: int | None = None
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_init: str | None = None
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     """One model-side row.
 
@@ -214,7 +225,7 @@ def refusal(config: Any) -> str | None:
         return None
     spec = get_adapter(config.adapter)
     for mode, reason in spec.refuses.items():
-        if getattr(config, mode):
+        if getattr(config, mode, False):
             return f"--adapter {spec.name} does not combine with --{mode}: {reason}"
     if "rank" in apollo.get_spec(config.optimizer).options:
         return (f"--adapter {spec.name} does not work with --optimizer {config.optimizer}: it projects the attention/MLP "
@@ -278,6 +289,19 @@ def merge_state_dict(state: dict[str, torch.Tensor], config: Any) -> dict[str, t
         return state
     resolved = settings(_Namespace(config))
     return get_adapter(config["adapter"]).merge(state, resolved)
+
+
+def row_label(config: Mapping[str, Any]) -> str:
+    """A saved run config's row: its optimizer, or "optimizer+adapter" (adamw+lora) when it trains adapters."""
+    adapter = config.get("adapter", "none")
+    return config["optimizer"] if adapter == "none" else f"{config['optimizer']}+{adapter}"
+
+
+def choice(config: Mapping[str, Any]) -> AdapterChoice | None:
+    """The adapter fields of a saved run config (None without an adapter), for train.memory."""
+    if config.get("adapter", "none") == "none":
+        return None
+    return AdapterChoice(**{key: config[key] for key in ("adapter", *FLAGS) if key in config})
 
 
 class _Namespace:

@@ -2,7 +2,8 @@
 
 Everything is computed on the meta device (no weights, no data): the param groups the optimizer's own routing
 makes, the batch arithmetic, steps and tokens, the memory modes (--weight_quant, --layerwise) and the memory
-estimate of train/memory/ for one process, with those modes: every term that adds up to the total, and
+estimate of train/memory/ for one process, with those modes and the --adapter (its frozen W0, factors and
+their states): every term that adds up to the total, and
 the phase of the step that sets the peak (DDP's buckets; FSDP2's per-rank shards under --fsdp).
 """
 from __future__ import annotations
@@ -74,7 +75,7 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         # DDP's buckets, or FSDP2's shards: under HSDP each rank shards over its world / R shard group only
         world_size=1 if config.single_gpu else world_size // config.replicate_degree if config.fsdp else world_size,
         gradient_accumulation=config.gradient_accumulation, fsdp=config.fsdp,
-        fsdp_mixed_precision=config.fsdp_mixed_precision,
+        fsdp_mixed_precision=config.fsdp_mixed_precision, adapter=config,
     )
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     return [

@@ -245,3 +245,52 @@ def test_export_is_a_plain_llama_with_the_trained_logits(adapter_run, tmp_path):
         expected, got = trained(tokens).logits, exported(tokens).logits
     assert torch.allclose(got, expected, rtol=0, atol=2e-5), (got - expected).abs().max()
     assert not torch.equal(expected, build_model(adapter_run["folder"] / "llama_tiny.json")(tokens).logits)
+
+
+def test_study_rows_are_an_optimizer_plus_model_side_flags(tmp_path):
+    """[optimizers.ROW] with `optimizer = NAME` and adapter flags: its runs are named by the row, train that
+    optimizer with the adapter, resolve as `python -m train` does; the report labels them optimizer+adapter."""
+    from tests.train.test_study import parse_flags, write_spec
+    from train import study
+    from train.study.report import row_label
+    from train.study.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path, optimizers="""[optimizers.adamw]
+lr = [0.01]
+[optimizers.lora]
+optimizer = "adamw"
+adapter = "lora"
+lora_rank = 4
+lr = [0.01, 0.003]
+[optimizers.low-rank]
+optimizer = "adamw"
+adapter = "low_rank"
+lora_rank = [2, 4]
+lr = [0.01]"""))
+    planned, _ = study.plan(spec, lambda run: False)
+    runs = {run.name: parse_flags(run.flags) for run in planned["tune"]}
+    assert len(runs) == (1 + 2 + 2) * 2  # two budgets
+    lora = {name: flags for name, flags in runs.items() if "-lora-" in name}
+    assert len(lora) == 4 and all(f["--optimizer"] == "adamw" and f["--adapter"] == "lora" and f["--lora_rank"] == "4"
+                                  for f in lora.values())
+    assert sorted(f["--lora_rank"] for n, f in runs.items() if "-low-rank-" in n) == ["2", "2", "4", "4"]
+    assert not any("--adapter" in f for n, f in runs.items() if "-adamw-" in n)
+    assert row_label({"optimizer": "adamw", "adapter": "lora"}) == "adamw+lora"
+    assert row_label({"optimizer": "adamw", "adapter": "none"}) == "adamw"
+
+
+def test_study_row_refused_by_the_trainer_is_one_line(tmp_path):
+    from tests.train.test_study import write_spec
+    from train.study.spec import StudyError, load_spec
+
+    with pytest.raises(StudyError) as error:
+        load_spec(write_spec(tmp_path, optimizers="""[optimizers.galore-lora]
+optimizer = "galore"
+adapter = "lora"
+lora_rank = 4
+lr = [0.01]"""))
+    assert str(error.value).endswith("--adapter lora does not work with --optimizer galore: it projects the "
+                                     "attention/MLP gradients to a rank of its own, and the adapters already factor "
+                                     "those weights (the published rows train them with adamw)"), str(error.value)
+    with pytest.raises(StudyError, match=r"^optimizers.x: optimizer = 'adamx' is unknown \(one of "):
+        load_spec(write_spec(tmp_path, optimizers='[optimizers.x]\noptimizer = "adamx"\nlr = [0.01]'))
