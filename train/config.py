@@ -184,6 +184,9 @@ class TrainConfig:
     relora: Optional[int] = option(None, "ReLoRA: merge the LoRA factors into the frozen weights and re-initialise them "
                                          "every this many updates T_m (after updates k T_m + 1); needs LoRA adapters and "
                                          "--scheduler cosine_restarts", low=1)
+    relora_cycles: Optional[int] = option(None, "ReLoRA in K equal cycles: sets --relora and --cycle_length to "
+                                                "num_training_steps / K (K must divide it); for studies and "
+                                                "--max_train_tokens, where the number of updates is derived", low=1)
     reset_optimizer_on_relora: bool = option(False, "ReLoRA: random pruning of 99.9% of the factors' Adam moments after "
                                                     "updates kC + 1 (the default mode when none is given)")
     optimizer_random_pruning: Optional[float] = option(None, "ReLoRA: zero each Adam moment entry of the factors with "

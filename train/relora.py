@@ -173,7 +173,8 @@ def pruning_mode(*, reset_optimizer_on_relora: bool, optimizer_random_pruning: f
 
 
 def check_config(c: Any) -> None:
-    """One-line ValueError for a run config whose ReLoRA or jagged-cosine settings cannot work (train.config.resolve).
+    """One-line ValueError for a run config whose ReLoRA or jagged-cosine settings cannot work (train.config.resolve);
+    --relora_cycles K is resolved here to --relora = --cycle_length = num_training_steps / K.
 
     --relora needs --scheduler cosine_restarts (a pruned moment's first step is ~3x an Adam step without
     its ramp: ReLoRA's Table 6 diverges) and LoRA adapters; it refuses --fsdp (the merge and the pruning
@@ -181,6 +182,14 @@ def check_config(c: Any) -> None:
     """
     from train.schedule import check_restarts
 
+    if c.relora_cycles is not None:  # resolve: T_m = C = N / K (the same values again on a resolved config)
+        steps, cycles = c.num_training_steps, c.relora_cycles
+        if steps % cycles:
+            raise ReLoRAError(f"--relora_cycles {cycles} must divide --num_training_steps {steps}")
+        for flag in ("relora", "cycle_length"):
+            if getattr(c, flag) not in (None, steps // cycles):
+                raise ReLoRAError(f"--relora_cycles {cycles} sets --{flag} to {steps // cycles}; leave --{flag} out")
+        c.relora = c.cycle_length = steps // cycles
     if c.relora is not None and c.scheduler != "cosine_restarts":
         raise ReLoRAError(f"--relora needs --scheduler cosine_restarts (not {c.scheduler}): moments pruned without the "
                           "restart ramp make the next steps ~3x too large")

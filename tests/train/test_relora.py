@@ -392,3 +392,41 @@ def test_pruning_reaches_layerwise_states(tiny_llama):
         torch.rand(param.shape, generator=shadow)  # exp_avg's mask
         keep = torch.rand(param.shape, generator=shadow) > 0.5
         assert torch.equal(inner[param]["exp_avg_sq"], before[param] * keep)
+
+
+def test_relora_cycles_sets_the_interval_from_the_updates():
+    """--relora_cycles K: T_m = C = N / K, resolved (a study sets N per budget); again on the resolved values."""
+    from train.config import ConfigError, parse_args, resolve
+
+    base = ["--model_config", "m.json", "--batch_size", "2", "--adapter", "lora", "--lora_rank", "4", "--scheduler",
+            "cosine_restarts", "--restart_warmup_steps", "10", "--num_training_steps", "1000", "--warmup_steps", "100",
+            "--relora_cycles", "5"]
+    config, _ = resolve(parse_args(base))
+    assert (config.relora, config.cycle_length) == (200, 200)
+    assert resolve(config)[0].relora == 200
+    with pytest.raises(ConfigError, match=r"^--relora_cycles 3 must divide --num_training_steps 1000$"):
+        resolve(parse_args(base[:-1] + ["3"]))
+    with pytest.raises(ConfigError, match=r"^--relora_cycles 5 sets --cycle_length to 200; leave --cycle_length out$"):
+        resolve(parse_args(base + ["--cycle_length", "100"]))
+
+
+def test_study_row_with_relora(tmp_path):
+    """A study row: adamw + LoRA + ReLoRA in K cycles; each budget's runs get T_m = C = N / K."""
+    from tests.train.test_study import write_spec
+    from train import study
+    from train.config import parse_args, resolve
+    from train.study.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path, optimizers="""[optimizers.relora]
+optimizer = "adamw"
+adapter = "lora"
+lora_rank = 4
+relora_cycles = 2
+scheduler = "cosine_restarts"
+restart_warmup_steps = 1
+lr = [0.001]""", stages='[[stages]]\nname = "tune"\nbudgets = [1280, 2560]'))  # 20 and 40 updates
+    planned, _ = study.plan(spec, lambda run: False)
+    assert len(planned["tune"]) == 2
+    for run in planned["tune"]:
+        config, _ = resolve(parse_args(run.flags))
+        assert config.relora == config.cycle_length == config.num_training_steps // 2 > config.warmup_steps, run.name
