@@ -14,7 +14,7 @@ W0 = W0_init + sum_j s B_j A_j.
 
 Pruning, after update u = k C + 1 (k >= 1), of the Adam moments exp_avg and exp_avg_sq of every trainable
 parameter whose name holds ``lora_`` (every other state, and every ``step`` counter, is kept); exactly one
-mode:
+mode (none given: --reset_optimizer_on_relora, ReLoRA's default):
     random (--reset_optimizer_on_relora = ratio 0.999, or --optimizer_random_pruning rho): each entry is
         zeroed with probability rho (kept where u01 > rho, u01 drawn per entry);
     magnitude (--optimizer_magnitude_pruning rho): per tensor, entries with |x| <= quantile_rho(|x|)
@@ -22,6 +22,9 @@ mode:
 Bias correction is not restarted, so a zeroed entry's next step is about (1 - beta1) / sqrt(1 - beta2)
 times a normal one: the lr ramp of --scheduler cosine_restarts is what keeps this stable. When a merge and
 a pruning fall on the same update (T_m = C, every published recipe), the merge runs first.
+The draws are made on the CPU (the generator's device) and copied to the factors' device: at 1B (r 512,
+F ~ 0.5G numbers) a pruning draws 2F uniforms, seconds once every C updates. torch.quantile takes at most
+2**24 numbers per tensor (a 7B factor at r 1024 is 11.3M).
 
 Deliberate differences from Guitaricet/relora (HEAD 176f376):
   - the new A and the random pruning masks are drawn from a dedicated CPU `torch.Generator` seeded with
@@ -29,6 +32,8 @@ Deliberate differences from Guitaricet/relora (HEAD 176f376):
     streams do not shift at a merge, every DDP replica draws the same A and masks, and the generator's
     state is saved in every checkpoint, so a resume across a merge is bit-identical;
   - the merge's product is formed in float32 (W0's dtype in the published code) and rounded once;
+  - --reset_optimizer_on_relora is a switch (the published flag takes true/false and defaults to true;
+    here it is the mode used when no other is given, and naming two modes is refused);
   - A and B are never both zero (the published HEAD zeroes both at wrap time: relora issue #18); the
     adapters start from peft's init, A kaiming-uniform and B = 0.
 """
