@@ -294,3 +294,32 @@ lr = [0.01]"""))
                                      "those weights (the published rows train them with adamw)"), str(error.value)
     with pytest.raises(StudyError, match=r"^optimizers.x: optimizer = 'adamx' is unknown \(one of "):
         load_spec(write_spec(tmp_path, optimizers='[optimizers.x]\noptimizer = "adamx"\nlr = [0.01]'))
+
+
+ADAPTER_RECIPES = [f"llama_{size}_{row}" for size in ("60m", "130m", "350m", "1b") for row in ("lora", "low_rank")]
+
+
+@pytest.mark.parametrize("stem", [stem if stem.startswith("llama_60m") else pytest.param(stem, marks=pytest.mark.slow)
+                                  for stem in ADAPTER_RECIPES])
+def test_recipe_trains_a_few_updates_on_the_tiny_model(stem, tmp_path, c4_dir, tokenizer_dir, monkeypatch):
+    """The recipe's own command (PRINT_COMMAND=1) with the model, batch and steps overridden on its command line
+    trains 2 updates; its published settings (r of its size, alpha 32, dropout 0.05, AdamW eps 1e-8) reach the run."""
+    from tests.train.test_cli import write_tiny_config
+    from tests.train.test_recipes import SCRIPTS, _launch_command
+
+    env = {"DATA_DIR": str(c4_dir), "TOKENIZER": str(tokenizer_dir), "WANDB_MODE": "disabled", "NGPU": "1"}
+    command = _launch_command(SCRIPTS / f"{stem}.sh", env)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    rank = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}[stem.split("_")[1]]
+    assert command[command.index("--lora_rank") + 1] == str(rank)
+    overrides = ["--model_config", str(write_tiny_config(tmp_path)), "--lora_rank", "4", "--batch_size", "2",
+                 "--gradient_accumulation", "1", "--total_batch_size", "2", "--max_length", "32",
+                 "--num_training_steps", "2", "--warmup_steps", "1", "--eval_every", "2", "--save_every", "2",
+                 "--eval_tokens", "200", "--workers", "0", "--dtype", "float32", "--save_dir", str(tmp_path / "run")]
+    assert cli.main(command[6:] + overrides) == 0
+    import json
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["optimizer"], config["adapter"]) == ("adamw", stem.split("_", 2)[2])
+    assert (config["lora_alpha"], config["lora_dropout"], config["eps"], config["lr"]) == (32.0, 0.05, 1e-8, 0.001)
+    assert len([r for r in read_metrics(tmp_path / "run") if "loss" in r]) == 2
