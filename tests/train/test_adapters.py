@@ -323,3 +323,54 @@ def test_recipe_trains_a_few_updates_on_the_tiny_model(stem, tmp_path, c4_dir, t
     assert (config["optimizer"], config["adapter"]) == ("adamw", stem.split("_", 2)[2])
     assert (config["lora_alpha"], config["lora_dropout"], config["eps"], config["lr"]) == (32.0, 0.05, 1e-8, 0.001)
     assert len([r for r in read_metrics(tmp_path / "run") if "loss" in r]) == 2
+
+
+TARGET_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("name", ["lora", "low_rank"])
+def test_ten_adam_steps_match_peft_get_peft_model(name, tiny_llama):
+    """PEERS.md's parity oracles: peft's get_peft_model (LoraConfig r, alpha 32, dropout 0, the 7 projections) on a
+    float64 LLaMA with embed_tokens, the norms and lm_head trainable again; for Low-Rank every target W0 set to 0
+    (W = s B A exactly). Our factors (and W0) are copied in, torch.optim.Adam on both: losses and weights agree
+    for 10 steps."""
+    from peft import LoraConfig, get_peft_model
+
+    ours = tiny_llama(seed=5, dtype=torch.float64)
+    adapters.apply_adapter(ours, adapter_config(name, lora_dropout=0.0))
+    reference = get_peft_model(tiny_llama(seed=5, dtype=torch.float64), LoraConfig(
+        r=R, lora_alpha=32, lora_dropout=0.0, target_modules=TARGET_NAMES, bias="none",
+        init_lora_weights=name == "lora"))
+    theirs = reference.base_model.model
+    with torch.no_grad():
+        for key, param in ours.named_parameters():
+            if "lora_" in key:  # A, B (B random, so that both factors move from step 1)
+                param.copy_(torch.randn_like(param) * 0.05)
+        target = dict(theirs.named_parameters())
+        for key, param in theirs.named_parameters():
+            if name == "low_rank" and key.endswith("base_layer.weight"):
+                param.zero_()
+            param.requires_grad_("base_layer" not in key)
+        for key, param in ours.named_parameters():
+            their_key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
+                                                                                       ".lora_B.default.weight")
+            target[their_key].copy_(param)
+    trained = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+    assert [p.shape for p in trained(ours)] == [p.shape for p in trained(theirs)]
+    opt_ours, opt_theirs = torch.optim.Adam(trained(ours), lr=1e-3), torch.optim.Adam(trained(theirs), lr=1e-3)
+    start = [p.detach().clone() for p in trained(ours)]
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(10):
+        tokens = torch.randint(0, 256, (2, 16), generator=generator)
+        losses = []
+        for model, optimizer in ((ours, opt_ours), (reference, opt_theirs)):
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-12, abs=0)
+    for mine, other in zip(trained(ours), trained(theirs)):
+        assert torch.allclose(mine, other, rtol=0, atol=1e-10)
+    moved = [not torch.equal(p, p0) for p, p0 in zip(trained(ours), start)]
+    assert sum(moved) >= len(moved) - 1  # every trained tensor moved (embedding row 0, the pad, may not)
