@@ -374,3 +374,40 @@ def test_ten_adam_steps_match_peft_get_peft_model(name, tiny_llama):
         assert torch.allclose(mine, other, rtol=0, atol=1e-10)
     moved = [not torch.equal(p, p0) for p, p0 in zip(trained(ours), start)]
     assert sum(moved) >= len(moved) - 1  # every trained tensor moved (embedding row 0, the pad, may not)
+
+
+@pytest.mark.parametrize("optimizer", apollo.optimizer_names())
+@pytest.mark.parametrize("name", ["lora", "low_rank"])
+def test_every_optimizer_composes_or_is_refused(optimizer, name, tiny_llama):
+    """A registered optimizer either takes a rank of its own (refused, one line) or trains the adapters: two steps
+    at its smoke settings move the factors (every B, or with B = 0 at least the Bs) and never W0."""
+    config = adapter_config(name, optimizer=optimizer, lora_dropout=0.0)
+    if adapters.refusal(config):
+        assert "rank" in apollo.get_spec(optimizer).options
+        return
+    model = tiny_llama()
+    adapters.apply_adapter(model, config)
+    spec = apollo.get_spec(optimizer)
+    opt = apollo.build_optimizer(optimizer, model, lr=spec.smoke_lr, **dict(spec.smoke_options))
+    before = {key: p.detach().clone() for key, p in model.named_parameters()}
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(tokens, labels=tokens).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[key], before[key]) for key in params if "base_layer" in key)
+    moved = [key for key in params if "lora_B" in key and not torch.equal(params[key], before[key])]
+    assert len(moved) == 14, (optimizer, len(moved))
+
+
+def test_dry_run_prints_the_adapter_and_its_memory(tmp_path, c4_dir, tokenizer_dir, capsys):
+    run = tmp_path / "run"
+    assert cli.main(tiny_args(tmp_path, c4_dir, tokenizer_dir, run, adapter="lora", lora_rank=4, dry_run=True)) == 0
+    out = capsys.readouterr().out
+    # the tiny CLI model: h 32, I 64, 2 layers: F = 2 (4 x 4 x 64 + 3 x 4 x 96) = 4352, W0 = 2 (4 x 32^2 + 3 x 64 x 32)
+    line = next(line for line in out.splitlines() if line.startswith("adapter: "))
+    assert line == ("adapter: lora on 14 attention/MLP linears: r 4, alpha 32 (s 8), dropout 0.05, init zero_b; "
+                    "factors 4,352 values, trainable 2.06M values, frozen W0 20,480 values (no grad, no optimizer "
+                    "state)"), line
+    assert "memory per process (estimate, float32" in out and not run.exists()
