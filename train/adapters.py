@@ -275,11 +275,16 @@ def describe(config: Any, counts: dict[str, int]) -> str:
     if config.adapter == "none":
         return "none (every weight trained)"
     spec, resolved = get_adapter(config.adapter), settings(config)
-    frozen = (f", frozen W0 {counts['frozen'] / 1e6:.2f}M values (no grad, no optimizer state)" if spec.keeps_base
+    frozen = (f", frozen W0 {_values(counts['frozen'])} (no grad, no optimizer state)" if spec.keeps_base
               else ", no W0 stored")
     return (f"{spec.name} on {counts['targets']} attention/MLP linears: r {resolved.rank}, alpha {resolved.alpha:g} "
             f"(s {resolved.scale:g}), dropout {resolved.dropout:g}, init {resolved.init}; factors "
-            f"{counts['factors'] / 1e6:.2f}M values, trainable {counts['trainable'] / 1e6:.2f}M{frozen}")
+            f"{_values(counts['factors'])}, trainable {_values(counts['trainable'])}{frozen}")
+
+
+def _values(count: int) -> str:
+    """'4,352 values' under 100K, else '2.06M values'."""
+    return f"{count:,} values" if count < 100_000 else f"{count / 1e6:.2f}M values"
 
 
 def merge_state_dict(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:

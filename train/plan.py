@@ -8,6 +8,7 @@ the phase of the step that sets the peak (DDP's buckets; FSDP2's per-rank shards
 """
 from __future__ import annotations
 
+from apollo.routing import trainable
 from train import adapters, relora
 from train.adapters import apply_adapter
 from train.build import build_optimizer
@@ -29,9 +30,12 @@ def _optimizer_summary(config: TrainConfig, model) -> str:
     for index, group in enumerate(optimizer.param_groups):
         settings = [f"{key} {group[key]:g}" if isinstance(group[key], float) else f"{key} {group[key]}"
                     for key in _GROUP_SETTINGS if key in group and group[key] is not None]
-        values = sum(p.numel() for p in group["params"]) / 1e6
-        groups.append(f"{group.get('name', index)}: {len(group['params'])} tensors ({values:.2f}M values), "
-                      f"lr {group['lr']:g}" + (f", {', '.join(settings)}" if settings else ""))
+        params = [p for p in group["params"] if trainable(p)]  # a frozen W0 (--adapter lora) is never stepped
+        frozen = len(group["params"]) - len(params)
+        values = sum(p.numel() for p in params) / 1e6
+        groups.append(f"{group.get('name', index)}: {len(params)} tensors ({values:.2f}M values"
+                      + (f"; {frozen} frozen ones left alone" if frozen else "") + f"), lr {group['lr']:g}"
+                      + (f", {', '.join(settings)}" if settings else ""))
     betas = f"betas ({config.beta1}, {config.beta2})"
     return f"{config.optimizer} ({type(optimizer).__name__}), {betas}, states {config.state_dtype}; " + "; ".join(groups)
 

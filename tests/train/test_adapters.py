@@ -294,3 +294,120 @@ lr = [0.01]"""))
                                      "those weights (the published rows train them with adamw)"), str(error.value)
     with pytest.raises(StudyError, match=r"^optimizers.x: optimizer = 'adamx' is unknown \(one of "):
         load_spec(write_spec(tmp_path, optimizers='[optimizers.x]\noptimizer = "adamx"\nlr = [0.01]'))
+
+
+ADAPTER_RECIPES = [f"llama_{size}_{row}" for size in ("60m", "130m", "350m", "1b") for row in ("lora", "low_rank")]
+
+
+@pytest.mark.parametrize("stem", [stem if stem.startswith("llama_60m") else pytest.param(stem, marks=pytest.mark.slow)
+                                  for stem in ADAPTER_RECIPES])
+def test_recipe_trains_a_few_updates_on_the_tiny_model(stem, tmp_path, c4_dir, tokenizer_dir, monkeypatch):
+    """The recipe's own command (PRINT_COMMAND=1) with the model, batch and steps overridden on its command line
+    trains 2 updates; its published settings (r of its size, alpha 32, dropout 0.05, AdamW eps 1e-8) reach the run."""
+    from tests.train.test_cli import write_tiny_config
+    from tests.train.test_recipes import SCRIPTS, _launch_command
+
+    env = {"DATA_DIR": str(c4_dir), "TOKENIZER": str(tokenizer_dir), "WANDB_MODE": "disabled", "NGPU": "1"}
+    command = _launch_command(SCRIPTS / f"{stem}.sh", env)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    rank = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}[stem.split("_")[1]]
+    assert command[command.index("--lora_rank") + 1] == str(rank)
+    overrides = ["--model_config", str(write_tiny_config(tmp_path)), "--lora_rank", "4", "--batch_size", "2",
+                 "--gradient_accumulation", "1", "--total_batch_size", "2", "--max_length", "32",
+                 "--num_training_steps", "2", "--warmup_steps", "1", "--eval_every", "2", "--save_every", "2",
+                 "--eval_tokens", "200", "--workers", "0", "--dtype", "float32", "--save_dir", str(tmp_path / "run")]
+    assert cli.main(command[6:] + overrides) == 0
+    import json
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["optimizer"], config["adapter"]) == ("adamw", stem.split("_", 2)[2])
+    assert (config["lora_alpha"], config["lora_dropout"], config["eps"], config["lr"]) == (32.0, 0.05, 1e-8, 0.001)
+    assert len([r for r in read_metrics(tmp_path / "run") if "loss" in r]) == 2
+
+
+TARGET_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("name", ["lora", "low_rank"])
+def test_ten_adam_steps_match_peft_get_peft_model(name, tiny_llama):
+    """PEERS.md's parity oracles: peft's get_peft_model (LoraConfig r, alpha 32, dropout 0, the 7 projections) on a
+    float64 LLaMA with embed_tokens, the norms and lm_head trainable again; for Low-Rank every target W0 set to 0
+    (W = s B A exactly). Our factors (and W0) are copied in, torch.optim.Adam on both: losses and weights agree
+    for 10 steps."""
+    from peft import LoraConfig, get_peft_model
+
+    ours = tiny_llama(seed=5, dtype=torch.float64)
+    adapters.apply_adapter(ours, adapter_config(name, lora_dropout=0.0))
+    reference = get_peft_model(tiny_llama(seed=5, dtype=torch.float64), LoraConfig(
+        r=R, lora_alpha=32, lora_dropout=0.0, target_modules=TARGET_NAMES, bias="none",
+        init_lora_weights=name == "lora"))
+    theirs = reference.base_model.model
+    with torch.no_grad():
+        for key, param in ours.named_parameters():
+            if "lora_" in key:  # A, B (B random, so that both factors move from step 1)
+                param.copy_(torch.randn_like(param) * 0.05)
+        target = dict(theirs.named_parameters())
+        for key, param in theirs.named_parameters():
+            if name == "low_rank" and key.endswith("base_layer.weight"):
+                param.zero_()
+            param.requires_grad_("base_layer" not in key)
+        for key, param in ours.named_parameters():
+            their_key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
+                                                                                       ".lora_B.default.weight")
+            target[their_key].copy_(param)
+    trained = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+    assert [p.shape for p in trained(ours)] == [p.shape for p in trained(theirs)]
+    opt_ours, opt_theirs = torch.optim.Adam(trained(ours), lr=1e-3), torch.optim.Adam(trained(theirs), lr=1e-3)
+    start = [p.detach().clone() for p in trained(ours)]
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(10):
+        tokens = torch.randint(0, 256, (2, 16), generator=generator)
+        losses = []
+        for model, optimizer in ((ours, opt_ours), (reference, opt_theirs)):
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-12, abs=0)
+    for mine, other in zip(trained(ours), trained(theirs)):
+        assert torch.allclose(mine, other, rtol=0, atol=1e-10)
+    moved = [not torch.equal(p, p0) for p, p0 in zip(trained(ours), start)]
+    assert sum(moved) >= len(moved) - 1  # every trained tensor moved (embedding row 0, the pad, may not)
+
+
+@pytest.mark.parametrize("optimizer", apollo.optimizer_names())
+@pytest.mark.parametrize("name", ["lora", "low_rank"])
+def test_every_optimizer_composes_or_is_refused(optimizer, name, tiny_llama):
+    """A registered optimizer either takes a rank of its own (refused, one line) or trains the adapters: two steps
+    at its smoke settings move the factors (every B, or with B = 0 at least the Bs) and never W0."""
+    config = adapter_config(name, optimizer=optimizer, lora_dropout=0.0)
+    if adapters.refusal(config):
+        assert "rank" in apollo.get_spec(optimizer).options
+        return
+    model = tiny_llama()
+    adapters.apply_adapter(model, config)
+    spec = apollo.get_spec(optimizer)
+    opt = apollo.build_optimizer(optimizer, model, lr=spec.smoke_lr, **dict(spec.smoke_options))
+    before = {key: p.detach().clone() for key, p in model.named_parameters()}
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(tokens, labels=tokens).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[key], before[key]) for key in params if "base_layer" in key)
+    moved = [key for key in params if "lora_B" in key and not torch.equal(params[key], before[key])]
+    assert len(moved) == 14, (optimizer, len(moved))
+
+
+def test_dry_run_prints_the_adapter_and_its_memory(tmp_path, c4_dir, tokenizer_dir, capsys):
+    run = tmp_path / "run"
+    assert cli.main(tiny_args(tmp_path, c4_dir, tokenizer_dir, run, adapter="lora", lora_rank=4, dry_run=True)) == 0
+    out = capsys.readouterr().out
+    # the tiny CLI model: h 32, I 64, 2 layers: F = 2 (4 x 4 x 64 + 3 x 4 x 96) = 4352, W0 = 2 (4 x 32^2 + 3 x 64 x 32)
+    line = next(line for line in out.splitlines() if line.startswith("adapter: "))
+    assert line == ("adapter: lora on 14 attention/MLP linears: r 4, alpha 32 (s 8), dropout 0.05, init zero_b; "
+                    "factors 4,352 values, trainable 2.06M values, frozen W0 20,480 values (no grad, no optimizer "
+                    "state)"), line
+    assert "memory per process (estimate, float32" in out and not run.exists()
