@@ -430,3 +430,42 @@ lr = [0.001]""", stages='[[stages]]\nname = "tune"\nbudgets = [1280, 2560]'))  #
     for run in planned["tune"]:
         config, _ = resolve(parse_args(run.flags))
         assert config.relora == config.cycle_length == config.num_training_steps // 2 > config.warmup_steps, run.name
+
+
+RELORA_RECIPES = [f"llama_{size}_relora" for size in ("60m", "130m", "350m", "1b")]
+
+
+@pytest.mark.parametrize("stem", [stem if stem.startswith("llama_60m") else pytest.param(stem, marks=pytest.mark.slow)
+                                  for stem in RELORA_RECIPES])
+def test_recipe_trains_a_few_updates_on_the_tiny_model(stem, tmp_path, c4_dir, tokenizer_dir, monkeypatch):
+    """The recipe's own command with the model, batch, steps and cycle overridden trains 4 updates with a merge after
+    update 3; its published settings (r of its size, T_m = C = N/5, Wr 100, pruning 0.999) are in the script."""
+    import json
+
+    from tests.train.test_cli import read_metrics, write_tiny_config
+    from tests.train.test_recipes import SCRIPTS, _launch_command
+    from train import __main__ as cli
+
+    env = {"DATA_DIR": str(c4_dir), "TOKENIZER": str(tokenizer_dir), "WANDB_MODE": "disabled", "NGPU": "1"}
+    command = _launch_command(SCRIPTS / f"{stem}.sh", env)
+    flag = lambda name: command[command.index(name) + 1]
+    size = stem.split("_")[1]
+    assert flag("--lora_rank") == str({"60m": 128, "130m": 256, "350m": 256, "1b": 512}[size])
+    steps = int(flag("--num_training_steps"))
+    assert int(flag("--relora")) == int(flag("--cycle_length")) == steps // 5 > int(flag("--warmup_steps"))
+    assert (flag("--restart_warmup_steps"), flag("--scheduler")) == ("100", "cosine_restarts")
+    assert "--reset_optimizer_on_relora" in command
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    overrides = ["--model_config", str(write_tiny_config(tmp_path)), "--lora_rank", "4", "--batch_size", "2",
+                 "--gradient_accumulation", "1", "--total_batch_size", "2", "--max_length", "32",
+                 "--num_training_steps", "4", "--warmup_steps", "1", "--relora", "2", "--cycle_length", "2",
+                 "--restart_warmup_steps", "1", "--eval_every", "4", "--save_every", "4", "--eval_tokens", "200",
+                 "--workers", "0", "--dtype", "float32", "--save_dir", str(tmp_path / "run")]
+    assert cli.main(command[6:] + overrides) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["optimizer"], config["adapter"], config["lora_alpha"], config["lora_dropout"]) == ("adamw", "lora", 32.0, 0.05)
+    assert (config["eps"], config["lr"], config["reset_optimizer_on_relora"]) == (1e-8, 0.001, True)
+    assert len([r for r in read_metrics(tmp_path / "run") if "loss" in r]) == 4
+    relora = torch.load(tmp_path / "run" / "step_0000004" / "trainer.pt", weights_only=True)["relora"]
+    assert (relora["merges"], relora["prunes"]) == (1, 1)  # after update 3
