@@ -75,6 +75,7 @@ class AdapterSpec:
     `<target>.weight` (the exported weight); every other key kept.
     keeps_base: a frozen m x n W0 stays in the model beside the factors.
     refuses: TrainConfig mode (a boolean field) -> why the row cannot run in it.
+    flags: the TrainConfig fields it reads (refused without an adapter).
     """
 
     name: str
@@ -84,6 +85,7 @@ class AdapterSpec:
     apply: Callable[[nn.Module, list[tuple[str, nn.Module]], AdapterSettings], None]
     merge: Callable[[dict[str, torch.Tensor], AdapterSettings], dict[str, torch.Tensor]]
     refuses: Mapping[str, str] = field(default_factory=dict)
+    flags: tuple[str, ...] = FLAGS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "refuses", MappingProxyType(dict(self.refuses)))

@@ -423,7 +423,7 @@ def _resolve_adapter(c: TrainConfig) -> None:
         defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
         given = [flag for flag in adapters.FLAGS if getattr(c, flag) != defaults[flag]]
         if given:
-            raise ConfigError(f"--{given[0]} needs --adapter lora or low_rank")
+            raise ConfigError(f"--{given[0]} needs --adapter {' or '.join(adapters.ADAPTERS)}")
         return
     if c.lora_rank is None:
         raise ConfigError(f"--adapter {c.adapter} needs --lora_rank (the rank r of its factors)")

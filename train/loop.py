@@ -85,7 +85,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     counts = parameter_counts(model)  # before quantisation: the int8 layers are no longer nn.Linear
     adapter_counts = apply_adapter(model, config)  # --adapter: LoRA / Low-Rank factors, before the optimizer sees them
     # 6 FLOPs per trained value and token; a frozen W0 costs its forward and input gradient only (4)
-    model_flops = flops_per_token(model.config, config.max_length, adapter_counts["trainable"]) + 4 * adapter_counts["frozen"]
+    model_flops = (flops_per_token(model.config, config.max_length, counts["total"]) if config.adapter == "none" else
+                   flops_per_token(model.config, config.max_length, adapter_counts["trainable"]) + 4 * adapter_counts["frozen"])
     if config.compile:  # torchtitan's order: activation checkpointing (build_model), compile, then FSDP2/DDP
         compile_layers(model)
     quantize(model, config)  # --weight_quant: uint8 attention/MLP weights, before DDP and the optimizer see them

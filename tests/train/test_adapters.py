@@ -299,7 +299,7 @@ lr = [0.01]"""))
 ADAPTER_RECIPES = [f"llama_{size}_{row}" for size in ("60m", "130m", "350m", "1b") for row in ("lora", "low_rank")]
 
 
-@pytest.mark.parametrize("stem", [stem if stem.startswith("llama_60m") else pytest.param(stem, marks=pytest.mark.slow)
+@pytest.mark.parametrize("stem", [stem if stem == "llama_60m_lora" else pytest.param(stem, marks=pytest.mark.slow)
                                   for stem in ADAPTER_RECIPES])
 def test_recipe_trains_a_few_updates_on_the_tiny_model(stem, tmp_path, c4_dir, tokenizer_dir, monkeypatch):
     """The recipe's own command (PRINT_COMMAND=1) with the model, batch and steps overridden on its command line
@@ -328,7 +328,7 @@ def test_recipe_trains_a_few_updates_on_the_tiny_model(stem, tmp_path, c4_dir, t
 TARGET_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("name", ["lora", "low_rank"])
+@pytest.mark.parametrize("name", [pytest.param("lora", marks=pytest.mark.slow), "low_rank"])  # our LoRA is peft's
 def test_ten_adam_steps_match_peft_get_peft_model(name, tiny_llama):
     """PEERS.md's parity oracles: peft's get_peft_model (LoraConfig r, alpha 32, dropout 0, the 7 projections) on a
     float64 LLaMA with embed_tokens, the norms and lm_head trainable again; for Low-Rank every target W0 set to 0
@@ -377,7 +377,7 @@ def test_ten_adam_steps_match_peft_get_peft_model(name, tiny_llama):
 
 
 @pytest.mark.parametrize("optimizer", apollo.optimizer_names())
-@pytest.mark.parametrize("name", ["lora", "low_rank"])
+@pytest.mark.parametrize("name", ["lora", pytest.param("low_rank", marks=pytest.mark.slow)])
 def test_every_optimizer_composes_or_is_refused(optimizer, name, tiny_llama):
     """A registered optimizer either takes a rank of its own (refused, one line) or trains the adapters: two steps
     at its smoke settings move the factors (every B, or with B = 0 at least the Bs) and never W0."""

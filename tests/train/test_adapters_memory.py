@@ -39,7 +39,7 @@ def test_terms_in_closed_form(row):
 
 
 @pytest.mark.parametrize("row", ["lora", "low_rank"])
-@pytest.mark.parametrize("dropout", [0.0, 0.05])
+@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.05, marks=pytest.mark.slow)])
 def test_estimate_matches_the_measured_cpu_peak(row, dropout):
     choice = AdapterChoice(row, R, lora_dropout=dropout)
     estimated = _estimate(choice).total
