@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from train.loop import NonFiniteLossError, train
+    from train.relora import ReLoRAError
 
     ctx = setup()
     try:
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         return train(dataclasses.replace(config, save_dir=save_dir, name=name), ctx, tokenizer)
     except CheckpointError as error:  # found while loading: a CRC-32 mismatch, a file that does not load
         say(f"error: --continue_from: {error}")
+        return 2
+    except ReLoRAError as error:  # found at the first update: the optimizer's state has no Adam moments to prune
+        say(f"error: {error}")
         return 2
     except (NonFiniteLossError, CheckpointSaveError) as error:
         say(f"error: {error}")

@@ -28,7 +28,8 @@ import apollo
 from apollo.layerwise import check_layerwise
 from apollo.quant import SUPPORTED_BITS
 from train.schedule import decay_steps
-from train import optimizer_flags
+from train import adapters, optimizer_flags
+from train import relora as relora_config
 from train.optimizer_flags import optimizer_options  # noqa: F401  (re-exported: the trainer's options for the registry)
 
 
@@ -84,7 +85,8 @@ class TrainConfig:
     # -- schedule --------------------------------------------------------------------------------
     lr: float = option(1e-4, "peak learning rate", low=0.0)
     scheduler: str = option("cosine", "decay after warmup; wsd: warmup, constant peak, linear decay over the last "
-                                      "--decay_fraction of the updates", choices=("cosine", "linear", "constant", "wsd"))
+                                      "--decay_fraction of the updates; cosine_restarts: ReLoRA's jagged cosine (--cycle_length, "
+                                      "--restart_warmup_steps)", choices=("cosine", "linear", "constant", "wsd", "cosine_restarts"))
     warmup_steps: int = option(1000, "updates of linear warmup from lr 0", low=0)
     num_training_steps: int = option(10_000, "number of optimizer updates (exactly this many)", low=1)
     max_train_tokens: Optional[int] = option(
@@ -156,6 +158,42 @@ class TrainConfig:
                                     "no accumulation, no clipping)")
     compile: bool = option(False, "compile each decoder layer with torch.compile (inductor), after activation "
                                   "checkpointing and before FSDP2/DDP; graphs compiled after the first update are logged")
+
+    # -- model-side adapters (LoRA, Low-Rank: train/adapters.py) ---------------------------------
+    adapter: str = option("none", "train adapters instead of the attention/MLP weights: lora (W0 frozen at its init "
+                                  "+ (alpha/r) B A, peft) or low_rank (the weight replaced by (alpha/r) B A, no W0)",
+                          choices=("none", *adapters.ADAPTERS))
+    lora_rank: Optional[int] = option(None, "rank r of the adapters' factors (required with --adapter; below min(m, n) "
+                                            "of every attention/MLP weight)", low=1)
+    lora_alpha: float = option(32.0, "adapter scale numerator: s = alpha / r", above=0.0)
+    lora_dropout: float = option(0.05, "dropout on the adapters' input (GaLore's LoRA value)", low=0.0, below=1.0)
+    lora_init: Optional[str] = option(None, "init of the factors: zero_b (A kaiming-uniform, B = 0; LoRA's default) or "
+                                            "uniform (both U(+-1/sqrt fan_in); Low-Rank's default)",
+                                      choices=("zero_b", "uniform"))
+
+    # -- relora: ReLoRA's merges, optimizer pruning and jagged cosine (train/relora.py) ---------------
+    cycle_length: Optional[int] = option(None, "--scheduler cosine_restarts: updates per cycle C (must divide "
+                                               "--num_training_steps); --relora prunes after updates kC + 1", low=1)
+    restart_warmup_steps: Optional[int] = option(None, "--scheduler cosine_restarts: updates of each restart's linear ramp, Wr",
+                                                 low=0)
+    adjust_step: int = option(0, "--scheduler cosine_restarts: shift of the restarts, s = t + adjust_step after the first "
+                                 "warmup (published for warm-started runs)", low=0)
+    restart_variant: str = option("galore", "--scheduler cosine_restarts: galore (GaLore's copy: each ramp aims at the "
+                                            "cosine at the cycle's start) or relora_head (Guitaricet/relora HEAD: at the "
+                                            "ramp's end, no ramp in the first cycle)", choices=("galore", "relora_head"))
+    relora: Optional[int] = option(None, "ReLoRA: merge the LoRA factors into the frozen weights and re-initialise them "
+                                         "every this many updates T_m (after updates k T_m + 1); needs LoRA adapters and "
+                                         "--scheduler cosine_restarts", low=1)
+    relora_cycles: Optional[int] = option(None, "ReLoRA in K equal cycles: sets --relora and --cycle_length to "
+                                                "num_training_steps / K (K must divide it); for studies and "
+                                                "--max_train_tokens, where the number of updates is derived", low=1)
+    reset_optimizer_on_relora: bool = option(False, "ReLoRA: random pruning of 99.9% of the factors' Adam moments after "
+                                                    "updates kC + 1 (the default mode when none is given)")
+    optimizer_random_pruning: Optional[float] = option(None, "ReLoRA: zero each Adam moment entry of the factors with "
+                                                             "this probability after updates kC + 1", low=0.0, below=1.0)
+    optimizer_magnitude_pruning: Optional[float] = option(None, "ReLoRA: zero the factors' Adam moment entries with |x| <= "
+                                                                "their quantile at this ratio after updates kC + 1",
+                                                          low=0.0, below=1.0)
 
     # -- evaluation, checkpoints, failures -------------------------------------------------------
     eval_every: int = option(5000, "evaluate every this many updates (and at the end)", low=1)
@@ -306,6 +344,10 @@ def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list
         raise ConfigError(f"--scheduler wsd: the decay ({decay} of {c.num_training_steps} updates, --decay_fraction "
                           f"{c.decay_fraction}) would start before the {c.warmup_steps} warmup updates end; "
                           f"lower --decay_fraction or --warmup_steps")
+    try:
+        relora_config.check_config(c)
+    except ValueError as error:  # ReLoRAError and the schedule's checks: one line each
+        raise ConfigError(str(error)) from None
     if c.single_gpu and world_size > 1:
         raise ConfigError(f"--single_gpu runs one process, but {world_size} were launched; drop --single_gpu or use --nproc_per_node 1")
 
@@ -313,6 +355,7 @@ def resolve(config: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, list
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not c.fsdp
         c.dtype = "bfloat16" if bf16 else "float32"
     warnings += _resolve_optimizer_flags(c)
+    _resolve_adapter(c)
     warnings += _resolve_memory_modes(c, world_size)
     if c.wandb is None:
         env_mode = os.environ.get("WANDB_MODE", "online")
@@ -371,6 +414,22 @@ def _resolve_optimizer_flags(c: TrainConfig) -> list[str]:
         warnings.append(f"--state_dtype float32 is ignored by {c.optimizer}: its states follow the weights ({c.dtype})")
         c.state_dtype = "param"
     return warnings
+
+
+def _resolve_adapter(c: TrainConfig) -> None:
+    """--adapter and its flags: a flag without an adapter, an adapter without --lora_rank, and the modes and
+    optimizers the adapter's spec refuses (train/adapters.py) are one-line errors."""
+    if c.adapter == "none":
+        defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
+        given = [flag for flag in adapters.FLAGS if getattr(c, flag) != defaults[flag]]
+        if given:
+            raise ConfigError(f"--{given[0]} needs --adapter {' or '.join(adapters.ADAPTERS)}")
+        return
+    if c.lora_rank is None:
+        raise ConfigError(f"--adapter {c.adapter} needs --lora_rank (the rank r of its factors)")
+    refusal = adapters.refusal(c)
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def _resolve_memory_modes(c: TrainConfig, world_size: int) -> list[str]:

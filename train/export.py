@@ -11,6 +11,8 @@ generation_config.json, model.safetensors and the tokenizer the run trained with
 - a plain checkpoint: its model.safetensors;
 - int8 weights (--weight_quant, Q-APOLLO): each uint8 weight de-quantised, ŵ = (q - z) s in float32
   (`apollo.quant.dequantize`, what the run's forward computed), its scale/zero/rounding buffers dropped;
+- adapters (--adapter, train/adapters.py): LoRA merged into plain weights W = W0 + s B A, Low-Rank written as
+  W = s B A (each summed in float64, rounded once to the stored dtype); the exported folder needs no peft;
 - a sharded checkpoint (--fsdp): the "model" entries of its torch.distributed.checkpoint folder, read as
   whole tensors in this one process (no process group; the optimizer state is not read).
 
@@ -29,6 +31,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from train.adapters import merge_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANT_BUFFERS = ("weight_scales", "weight_zeros", "rounding_state")  # apollo.quant.QuantLinear's buffers
@@ -138,8 +142,11 @@ def export(path: str | Path, out: str | Path, *, dtype: str | None = None, model
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose float32 or bfloat16")
     loaded_tokenizer = _load_tokenizer(tokenizer or config.get("tokenizer") or "t5-base")  # before writing anything
-    state = {key: value.to(DTYPES[dtype]) if value.is_floating_point() else value
-             for key, value in checkpoint_state(checkpoint).items()}
+    try:  # --adapter: LoRA merged (W0 + s B A), Low-Rank as s B A, so from_pretrained needs no peft
+        merged = merge_state_dict(checkpoint_state(checkpoint), config)
+    except (KeyError, ValueError) as error:
+        raise ExportError(f"{checkpoint}: cannot merge its --adapter {config.get('adapter')} factors ({error})") from None
+    state = {key: value.to(DTYPES[dtype]) if value.is_floating_point() else value for key, value in merged.items()}
 
     llama_config.use_cache = True  # the run trains without a KV cache; generation wants one
     with torch.device("meta"):  # no weights allocated: the checkpoint's tensors are assigned below

@@ -20,6 +20,7 @@ since a run that recompiles every update is slower than an eager one.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -32,8 +33,10 @@ import torch
 
 import apollo
 from apollo import quant, sharded
-from train.checkpoint import (PendingCheckpoint, capture_rng, find_checkpoint, load_checkpoint, prune_checkpoints,
-                              restore_rng, save_checkpoint)
+from train.checkpoint import (CheckpointError, PendingCheckpoint, capture_rng, find_checkpoint, load_checkpoint,
+                              prune_checkpoints, restore_rng, save_checkpoint)
+from train import adapters
+from train.adapters import apply_adapter
 from train.build import build_optimizer, quantize
 from train.config import TrainConfig
 from train.data import build_train_loader
@@ -42,6 +45,7 @@ from train.distributed import (Distributed, StopSignal, all_gather_floats, all_r
 from train.evaluate import evaluate
 from train.metrics import MetricsLogger, default_peak_tflops, device_name, speed_metrics
 from train.model import build_model, compile_layers, compiled_graphs, flops_per_token, parameter_counts
+from train.relora import build_relora
 from train.schedule import lr_multiplier
 
 
@@ -79,7 +83,10 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     model = build_model(config.model_config, dtype=config.dtype, device=ctx.device,
                         activation_checkpointing=config.activation_checkpointing)
     counts = parameter_counts(model)  # before quantisation: the int8 layers are no longer nn.Linear
-    model_flops = flops_per_token(model.config, config.max_length, counts["total"])
+    adapter_counts = apply_adapter(model, config)  # --adapter: LoRA / Low-Rank factors, before the optimizer sees them
+    # 6 FLOPs per trained value and token; a frozen W0 costs its forward and input gradient only (4)
+    model_flops = (flops_per_token(model.config, config.max_length, counts["total"]) if config.adapter == "none" else
+                   flops_per_token(model.config, config.max_length, adapter_counts["trainable"]) + 4 * adapter_counts["frozen"])
     if config.compile:  # torchtitan's order: activation checkpointing (build_model), compile, then FSDP2/DDP
         compile_layers(model)
     quantize(model, config)  # --weight_quant: uint8 attention/MLP weights, before DDP and the optimizer see them
@@ -87,6 +94,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
         shard_model(model, ctx, mixed_precision=config.fsdp_mixed_precision, replicate_degree=config.replicate_degree)
     optimizer = build_optimizer(model, config)  # --layerwise: updates run from gradient hooks inside backward
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    relora = build_relora(model, optimizer, config)  # --relora: merges and moment pruning after some updates
     loader = build_train_loader(tokenizer=tokenizer, data_dir=config.data_dir, max_length=config.max_length,
                                 batch_size=config.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                 workers=config.workers, packing=config.packing, seed=config.data_seed,
@@ -94,19 +102,28 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     logger = MetricsLogger(run_dir, config.to_dict(), wandb_mode=config.wandb, project=config.project, name=config.name,
                            entity=config.entity, total_steps=config.num_training_steps, enabled=ctx.is_main)
     logger.summarize({f"params/{key}": value for key, value in counts.items()})
+    if config.adapter != "none":
+        logger.summarize({f"params/adapter_{key}": value for key, value in adapter_counts.items()})
+        logger.info(f"adapter: {adapters.describe(config, adapter_counts)}")
     peak = config.peak_tflops or default_peak_tflops(device_name(ctx.device))
     logger.summarize({"flops_per_token": model_flops, "peak_tflops": peak})
     if peak is None:
         logger.info(f"MFU not logged: no known peak for device '{device_name(ctx.device)}'; give it with --peak_tflops")
 
-    # -- resume: weights, optimizer, counters, data position, RNG (last, so nothing above consumes it)
+    # -- resume: weights, optimizer, counters, data position; the RNG once the loop has started the loader
     state = {"step": 0, "tokens_seen": 0, "last_eval_step": -1, "skipped_updates": 0}
+    saved_rng = None
     if config.continue_from:
         checkpoint = find_checkpoint(config.continue_from)
         trainer_state, rank_state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, rank=ctx.rank)
         state.update(trainer_state["counters"])
+        if relora is not None:
+            if "relora" not in trainer_state:
+                raise CheckpointError(f"{checkpoint}: holds no ReLoRA state (saved without --relora); it cannot resume "
+                                      "a --relora run")
+            relora.load_state_dict(trainer_state["relora"])
         loader.load_state_dict(rank_state["data"])
-        restore_rng(rank_state["rng"])
+        saved_rng = rank_state["rng"]  # restored after iter(loader) below, which draws a seed from torch's RNG
         logger.info(f"resumed from {checkpoint} at update {state['step']}")
     start_step = state["step"]
     logger.bar.update(start_step)
@@ -138,7 +155,12 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                                                             "warmup_steps": config.warmup_steps,
                                                             "num_training_steps": config.num_training_steps,
                                                             "min_lr_ratio": config.min_lr_ratio,
-                                                            "decay_fraction": config.decay_fraction}},
+                                                            "decay_fraction": config.decay_fraction,
+                                                            "cycle_length": config.cycle_length,
+                                                            "restart_warmup_steps": config.restart_warmup_steps,
+                                                            "adjust_step": config.adjust_step,
+                                                            "restart_variant": config.restart_variant},
+                                               **({"relora": relora.state_dict()} if relora is not None else {})},
                                 rank_state={"data": loader.state_dict(), "rng": capture_rng()})
         if isinstance(saved, PendingCheckpoint):  # committed at the next save or at the end
             pending.append(saved)
@@ -160,7 +182,12 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     # -- the loop --------------------------------------------------------------------------------
     ddp_model = model if config.fsdp else wrap_model(model, ctx, single_gpu=config.single_gpu)
     ddp_model.train()
+    # the loader draws from torch's RNG when it starts (its iterator and first batch); a fresh run did that before
+    # update 1, so a resumed run restores the saved RNG only after it: dropout (--adapter) then draws the same masks
     batches = iter(loader)
+    if saved_rng is not None:
+        batches = itertools.chain([next(batches)], batches)
+        restore_rng(saved_rng)
     stop = StopSignal()
     step, accum = start_step, config.gradient_accumulation
     window_seconds, window_tokens, exit_code = 0.0, 0, 1  # throughput counts update time only, not eval/save
@@ -170,7 +197,9 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
         while step < config.num_training_steps:
             multiplier = lr_multiplier(step, num_training_steps=config.num_training_steps, warmup_steps=config.warmup_steps,
                                        scheduler=config.scheduler, min_lr_ratio=config.min_lr_ratio,
-                                       decay_fraction=config.decay_fraction)
+                                       decay_fraction=config.decay_fraction, cycle_length=config.cycle_length,
+                                       restart_warmup_steps=config.restart_warmup_steps or 0,
+                                       adjust_step=config.adjust_step, restart_variant=config.restart_variant)
             for group, base_lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base_lr * multiplier
 
@@ -217,6 +246,9 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["step"] = step
+            if relora is not None:  # after update kT_m + 1 / kC + 1: merge and re-init, prune the factors' moments
+                for line in relora.after_update(step):
+                    logger.info(line)
             state["tokens_seen"] += int(tokens_total)
             window_tokens += int(tokens_total)
             window_positions += positions_per_update

@@ -2,11 +2,15 @@
 
 Everything is computed on the meta device (no weights, no data): the param groups the optimizer's own routing
 makes, the batch arithmetic, steps and tokens, the memory modes (--weight_quant, --layerwise) and the memory
-estimate of train/memory/ for one process, with those modes: every term that adds up to the total, and
+estimate of train/memory/ for one process, with those modes and the --adapter (its frozen W0, factors and
+their states): every term that adds up to the total, and
 the phase of the step that sets the peak (DDP's buckets; FSDP2's per-rank shards under --fsdp).
 """
 from __future__ import annotations
 
+from apollo.routing import trainable
+from train import adapters, relora
+from train.adapters import apply_adapter
 from train.build import build_optimizer
 from train.config import TrainConfig, optimizer_options
 from train.memory import estimate
@@ -26,9 +30,12 @@ def _optimizer_summary(config: TrainConfig, model) -> str:
     for index, group in enumerate(optimizer.param_groups):
         settings = [f"{key} {group[key]:g}" if isinstance(group[key], float) else f"{key} {group[key]}"
                     for key in _GROUP_SETTINGS if key in group and group[key] is not None]
-        values = sum(p.numel() for p in group["params"]) / 1e6
-        groups.append(f"{group.get('name', index)}: {len(group['params'])} tensors ({values:.2f}M values), "
-                      f"lr {group['lr']:g}" + (f", {', '.join(settings)}" if settings else ""))
+        params = [p for p in group["params"] if trainable(p)]  # a frozen W0 (--adapter lora) is never stepped
+        frozen = len(group["params"]) - len(params)
+        values = sum(p.numel() for p in params) / 1e6
+        groups.append(f"{group.get('name', index)}: {len(params)} tensors ({values:.2f}M values"
+                      + (f"; {frozen} frozen ones left alone" if frozen else "") + f"), lr {group['lr']:g}"
+                      + (f", {', '.join(settings)}" if settings else ""))
     betas = f"betas ({config.beta1}, {config.beta2})"
     return f"{config.optimizer} ({type(optimizer).__name__}), {betas}, states {config.state_dtype}; " + "; ".join(groups)
 
@@ -48,7 +55,10 @@ def _memory_modes(config: TrainConfig) -> str:
 
 
 def _wsd_decay(config: TrainConfig) -> str:
-    """' (decay over the last D updates)' for --scheduler wsd, else ''."""
+    """' (decay over the last D updates)' for --scheduler wsd, the restarts for cosine_restarts, else ''."""
+    if config.scheduler == "cosine_restarts":
+        return (f" (restarts every {config.cycle_length:,} updates, ramps of {config.restart_warmup_steps:,}, "
+                f"{config.restart_variant} variant)")
     if config.scheduler != "wsd":
         return ""
     return f" (linear decay over the last {decay_steps(config.num_training_steps, config.decay_fraction):,} updates)"
@@ -58,6 +68,7 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
     """Lines that describe the resolved run for `world_size` processes."""
     model = build_model(config.model_config, dtype=config.dtype, device="meta")
     counts = parameter_counts(model)
+    adapter_counts = apply_adapter(model, config)  # the optimizer below sees the factors, not the frozen W0
     tokens_per_update = config.total_batch_size * config.max_length
     memory = estimate(
         config.model_config, optimizer=config.optimizer, batch_size=config.batch_size, max_length=config.max_length,
@@ -68,13 +79,15 @@ def describe(config: TrainConfig, world_size: int) -> list[str]:
         # DDP's buckets, or FSDP2's shards: under HSDP each rank shards over its world / R shard group only
         world_size=1 if config.single_gpu else world_size // config.replicate_degree if config.fsdp else world_size,
         gradient_accumulation=config.gradient_accumulation, fsdp=config.fsdp,
-        fsdp_mixed_precision=config.fsdp_mixed_precision,
+        fsdp_mixed_precision=config.fsdp_mixed_precision, adapter=config,
     )
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     return [
         f"dry run: {config.name} -> {config.save_dir}",
         f"model: {config.model_config}: {counts['total'] / 1e6:.1f}M parameters; {config.dtype}",
         f"optimizer: {_optimizer_summary(config, model)}",
+        f"adapter: {adapters.describe(config, adapter_counts)}",
+        *([f"relora: {relora.describe(config)}"] if config.relora is not None else []),
         f"memory modes: {_memory_modes(config)}",
         f"batch: {config.batch_size} sequences x {config.gradient_accumulation} accumulation x {processes} = "
         f"{config.total_batch_size} sequences x {config.max_length} tokens = {tokens_per_update:,} token slots per update",

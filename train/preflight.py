@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from train.adapters import apply_adapter
+from train.relora import ReLoRAError, check_meta_states
 from train.build import build_optimizer, quantize
 from train.checkpoint import (CheckpointError, check_fits, checkpoint_folders, checkpoint_world_size, damage,
                               select_checkpoint, step_of)
@@ -69,6 +71,10 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[TrainConfig, Any, l
     check_data(config.data_dir, config.data_format)
 
     meta_model = build_model(llama_config, dtype=config.dtype, device="meta")
+    try:  # --adapter: the rank below min(m, n) of every target, and the names a checkpoint must hold
+        apply_adapter(meta_model, config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     try:  # int8 groups must divide every attention/MLP weight
         quantize(meta_model, config)
     except ValueError as error:
@@ -77,6 +83,11 @@ def preflight(config: TrainConfig, world_size: int) -> tuple[TrainConfig, Any, l
         meta_optimizer = build_optimizer(meta_model, config)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"--optimizer {config.optimizer}: {error}") from None
+    if config.relora is not None:  # ReLoRA prunes Adam's moments: a meta step shows what the optimizer keeps
+        try:
+            check_meta_states(meta_model, meta_optimizer)
+        except ReLoRAError as error:
+            raise ConfigError(str(error)) from None
     if checkpoint is not None:
         try:
             check_fits(checkpoint, meta_model, meta_optimizer)

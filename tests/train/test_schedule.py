@@ -37,7 +37,7 @@ def test_protocol_shape_60m():
     ({"step": -1}, "step must be"),
     ({"step": 11}, "step must be"),
     ({"warmup_steps": 10}, "warmup_steps"),
-    ({"scheduler": "cosine_restarts"}, "scheduler must be"),
+    ({"scheduler": "cosine_with_restarts"}, "scheduler must be"),
 ])
 def test_rejects_bad_arguments(kwargs, message):
     args = {"step": 0, "num_training_steps": 10, "warmup_steps": 2, "scheduler": "cosine", **kwargs}

@@ -118,7 +118,7 @@ BAD_SPECS = [
      "run tiny-64-adamw-lr0.01-s0: --warmup_steps 1 must be smaller than --num_training_steps 1"),
     (dict(common='scheduler = "step"'),
      "[common] with model tiny: argument --scheduler: invalid choice: 'step' (choose from 'cosine', 'linear', "
-     "'constant', 'wsd') (see python -m train --help)"),
+     "'constant', 'wsd', 'cosine_restarts') (see python -m train --help)"),
 ]
 
 

@@ -3,7 +3,8 @@
 A checkpoint is a folder `<save_dir>/step_<7 digits>/` holding
     model.safetensors   the weights (safetensors)
     optimizer.pt        optimizer.state_dict()
-    trainer.pt          step, tokens_seen, last_eval_step, world_size, the schedule's state
+    trainer.pt          step, tokens_seen, last_eval_step, world_size, the schedule's state; with --relora
+                        ReLoRA's merge and pruning counts and its generator's state (train/relora.py)
     rank_<5 digits>.pt  per rank: the data stream's position and the RNG states (torch, cuda, python, numpy)
     config.json         the resolved run config
     manifest.json       every other file's size and CRC-32 (written last: a folder without it is not trusted)

@@ -10,6 +10,7 @@ import ast
 import sys
 
 import apollo
+from train.adapters import ADAPTERS, AdapterChoice
 from train.memory.estimator import Estimate, estimate
 from train.memory.measurement import measure, measure_distributed
 from train.memory.meta import DTYPE_BYTES, GB
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "optimizer but APOLLO-Mini, which keeps rank 1)")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="a further apollo.build_optimizer option, e.g. precondition_frequency=1 (repeatable)")
+    parser.add_argument("--adapter", default="none", choices=("none", *ADAPTERS),
+                        help="model-side row (train/adapters.py): LoRA (frozen W0 + factors) or Low-Rank (factors only), "
+                             "trained with --optimizer; with --max_batch: extra adamw+ADAPTER rows")
+    parser.add_argument("--lora_rank", type=int, default=None, help="rank r of the adapters (required with --adapter)")
+    parser.add_argument("--lora_dropout", type=float, default=0.05, help="adapter dropout (its masks are activations)")
     parser.add_argument("--batch_size", type=int, default=1, help="micro-batch, in sequences")
     parser.add_argument("--max_length", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--gradient_accumulation", type=int, default=1, help="micro-batches per update")
@@ -69,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_estimate(args, result: Estimate, measured: int | None) -> None:
     mode = [args.optimizer + (f" rank {args.rank}" if args.rank else ""),
+            *([f"{args.adapter} r {args.lora_rank}, dropout {args.lora_dropout:g}"] if args.adapter != "none" else []),
             *([f"int8 weights g{args.weight_group_size}"] if args.weight_quant else []),
             *(["layer-wise"] if args.layerwise else []),
             *(["activation checkpointing"] if args.activation_checkpointing else []),
@@ -104,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
         config = load_llama_config(args.model_config)
         options = dict(args.option)
+        adapter = None
+        if args.adapter != "none":
+            if args.lora_rank is None or args.lora_rank < 1:
+                raise ValueError(f"--adapter {args.adapter} needs --lora_rank, a positive integer")
+            if not 0 <= args.lora_dropout < 1:
+                raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+            adapter = AdapterChoice(args.adapter, args.lora_rank, lora_dropout=args.lora_dropout)
+        elif args.lora_rank is not None:
+            raise ValueError("--lora_rank needs --adapter lora or low_rank")
         if args.max_batch:
             if args.gpu_memory is None:
                 raise ValueError("--max_batch needs --gpu_memory, e.g. --gpu_memory 80GiB")
@@ -112,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = plan(config, gpu, max_length=args.max_length, optimizers=optimizers, world_size=args.world_size,
                         fsdp=args.fsdp, fsdp_mixed_precision=args.fsdp_mixed_precision, dtype=args.dtype,
                         state_dtype=args.state_dtype, rank=args.rank, packing=args.packing, device=args.device,
-                        weight_group_size=args.weight_group_size, gradient_accumulation=args.gradient_accumulation)
+                        weight_group_size=args.weight_group_size, gradient_accumulation=args.gradient_accumulation,
+                        adapters=[adapter] if adapter else None)
             where = (f"FSDP2 over {args.world_size} processes" if args.fsdp else
                      f"DDP over {args.world_size} processes" if args.world_size > 1 else "one process")
             print(f"{args.model_config}: largest micro-batch x {args.max_length} tokens whose estimated peak fits "
@@ -122,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = dict(optimizer=args.optimizer, batch_size=args.batch_size, max_length=args.max_length,
                         rank=args.rank, activation_checkpointing=args.activation_checkpointing, dtype=args.dtype,
                         state_dtype=args.state_dtype, packing=args.packing,
-                        gradient_accumulation=args.gradient_accumulation, options=options)
+                        gradient_accumulation=args.gradient_accumulation, options=options, adapter=adapter)
         single = dict(weight_quant=args.weight_quant, weight_group_size=args.weight_group_size,
                       stochastic_round=args.stochastic_round, layerwise=args.layerwise)
         result = estimate(config, weight_bits=args.weight_bits, device="cpu" if args.measure else args.device,
@@ -132,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.measure and args.world_size > 1:
             if args.weight_quant or args.layerwise or args.fsdp_mixed_precision:
                 raise ValueError("--measure with --world_size runs float weights, no --layerwise/--fsdp_mixed_precision")
+            if adapter is not None:
+                raise ValueError("--measure with --world_size builds no adapters: measure --adapter on one process")
             mode = "fsdp" if args.fsdp else "ddp_copy" if args.ddp_copy else "ddp"
             ranks = measure_distributed(config, mode=mode, world_size=args.world_size, steps=args.measure_steps,
                                         **settings)

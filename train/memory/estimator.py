@@ -22,6 +22,7 @@ total (peak)   weights + states (+ DDP buckets) + the largest of these phases of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import apollo
 from apollo.quant import QuantLinear, is_quantized
@@ -97,13 +98,15 @@ class _Static:
     accumulation: int
     fsdp: dict | None
     notes: dict[str, str]
+    adapter_rank: int = 0  # --adapter: its factors' activations (train.memory.terms)
+    adapter_dropout: bool = False
 
 
 def prepare(config, *, optimizer: str = "adamw", rank: int | None = None, weight_quant: bool = False,
             weight_group_size: int = 128, weight_bits: int = 8, stochastic_round: bool = False,
             layerwise: bool = False, dtype: str = "bfloat16", state_dtype: str | None = None, device: str = "cuda",
             world_size: int = 1, gradient_accumulation: int = 1, ddp_bucket_view: bool = True, fsdp: bool = False,
-            fsdp_mixed_precision: bool = False, options: dict | None = None) -> _Static:
+            fsdp_mixed_precision: bool = False, options: dict | None = None, adapter=None) -> _Static:
     """The batch-independent part of `estimate` (the model, the optimizer's meta step, every gradient and
     update's scratch); `combine(static, batch_size, max_length, ...)` adds the activations and the phases."""
     name = apollo.canonical_name(optimizer)
@@ -114,12 +117,20 @@ def prepare(config, *, optimizer: str = "adamw", rank: int | None = None, weight
         raise ValueError(f"--fsdp does not combine with --{'weight_quant' if weight_quant else 'layerwise'}")
     if layerwise and (world_size > 1 or gradient_accumulation > 1):
         raise ValueError("--layerwise runs on one process without gradient accumulation")
+    if adapter is not None and adapter.adapter != "none":  # the refusals of its spec (train/adapters.py)
+        from train.adapters import refusal
+        refused = refusal(SimpleNamespace(adapter=adapter.adapter, optimizer=name, weight_quant=weight_quant,
+                                          layerwise=layerwise, fsdp=fsdp))
+        if refused:
+            raise ValueError(refused)
+    else:
+        adapter = None
     for mode, on in (("weight_quant", weight_quant), ("layerwise", layerwise), ("fsdp", fsdp)):
         if on and name in MODES[mode]:
             raise ValueError(f"--{mode} does not work with --optimizer {name}: {MODES[mode][name]}")
     p = DTYPE_BYTES[dtype]
     model = build(config, dtype=dtype, device="meta", weight_quant=weight_quant, weight_group_size=weight_group_size,
-                  weight_bits=weight_bits)
+                  weight_bits=weight_bits, adapter=adapter)
     config = model.config
     p_dtype = next(p_ for p_ in model.parameters() if p_.is_floating_point()).dtype
 
@@ -166,14 +177,15 @@ def prepare(config, *, optimizer: str = "adamw", rank: int | None = None, weight
                    dequantised=dequantised, head=grads.get(names[id(head_param)], 0),
                    embedding=grads.get(names[id(embedding_param)], 0), embedding_name=names[id(embedding_param)],
                    tied=head_param is embedding_param, layerwise=layerwise, accumulation=gradient_accumulation,
-                   fsdp=fsdp_info, notes=notes)
+                   fsdp=fsdp_info, notes=notes, adapter_rank=adapter.lora_rank if adapter else 0,
+                   adapter_dropout=bool(adapter and adapter.lora_dropout > 0))
 
 
 def combine(static: _Static, batch_size: int, max_length: int, *, activation_checkpointing: bool = False,
             packing: bool = False) -> Estimate:
     """`estimate` from its batch-independent part: activations, then the peak over the phases of a step."""
     acts = activations(static.config, batch_size, max_length, static.act_p, checkpointing=activation_checkpointing,
-                       padded=not packing)
+                       padded=not packing, adapter_rank=static.adapter_rank, adapter_dropout=static.adapter_dropout)
     dequantised = static.dequantised
     notes = dict(static.notes)
     activation_peak = acts.saved + max(acts.loss_work, acts.recompute, dequantised)
@@ -232,7 +244,7 @@ def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_lengt
              layerwise: bool = False, activation_checkpointing: bool = False, dtype: str = "bfloat16",
              state_dtype: str | None = None, packing: bool = False, device: str = "cuda", world_size: int = 1,
              gradient_accumulation: int = 1, ddp_bucket_view: bool = True, fsdp: bool = False,
-             fsdp_mixed_precision: bool = False, options: dict | None = None) -> Estimate:
+             fsdp_mixed_precision: bool = False, options: dict | None = None, adapter=None) -> Estimate:
     """Estimate the memory of a training step per process (module docstring); nothing is allocated.
 
     `config`: a LlamaConfig or a path to its json. `optimizer`: any registered name. `state_dtype`:
@@ -241,11 +253,13 @@ def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_lengt
     `world_size` > 1: DDP (its buckets; `ddp_bucket_view=False` models torch's plain DDP, which keeps a
     second copy of every gradient) or, with `fsdp`, FSDP2's shards. `gradient_accumulation` > 1: the
     gradients of the earlier micro-steps are alive through the later ones. `options`: further
-    `apollo.build_optimizer` options (only those the optimizer takes).
+    `apollo.build_optimizer` options (only those the optimizer takes). `adapter`: a TrainConfig or
+    `train.adapters.AdapterChoice` whose --adapter is applied (frozen W0 counted in the weights, in the model
+    dtype, with no gradient and no state; the factors' activations in `train.memory.terms`).
     """
     static = prepare(config, optimizer=optimizer, rank=rank, weight_quant=weight_quant,
                      weight_group_size=weight_group_size, weight_bits=weight_bits, stochastic_round=stochastic_round,
                      layerwise=layerwise, dtype=dtype, state_dtype=state_dtype, device=device, world_size=world_size,
                      gradient_accumulation=gradient_accumulation, ddp_bucket_view=ddp_bucket_view, fsdp=fsdp,
-                     fsdp_mixed_precision=fsdp_mixed_precision, options=options)
+                     fsdp_mixed_precision=fsdp_mixed_precision, options=options, adapter=adapter)
     return combine(static, batch_size, max_length, activation_checkpointing=activation_checkpointing, packing=packing)

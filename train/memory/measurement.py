@@ -70,7 +70,7 @@ def measure(config, *, optimizer: str = "adamw", batch_size: int = 1, max_length
             weight_quant: bool = False, weight_group_size: int = 128, stochastic_round: bool = False,
             layerwise: bool = False, activation_checkpointing: bool = False, dtype: str = "float32",
             state_dtype: str | None = None, packing: bool = False, steps: int = 2, gradient_accumulation: int = 1,
-            options: dict | None = None) -> int:
+            options: dict | None = None, adapter=None) -> int:
     """Measured peak bytes of real training steps on the CPU: the largest over `steps` steps.
 
     Per step: bytes alive before it (weights, buffers, optimizer state, batch) + the allocator's peak
@@ -85,7 +85,7 @@ def measure(config, *, optimizer: str = "adamw", batch_size: int = 1, max_length
     state_dtype = resolve_state_dtype(name, state_dtype)
     torch.manual_seed(0)
     model = build(config, dtype=dtype, device="cpu", weight_quant=weight_quant, weight_group_size=weight_group_size,
-                  stochastic_round=stochastic_round, activation_checkpointing=activation_checkpointing)
+                  stochastic_round=stochastic_round, activation_checkpointing=activation_checkpointing, adapter=adapter)
     model.train()
     opt = optimizer_for(model, name, rank=rank, state_dtype=state_dtype, layerwise=layerwise, options=options)
     ids, mask, labels = _batch(model.config.vocab_size, batch_size, max_length, packing)

@@ -23,11 +23,15 @@ LOW_RANK = tuple(name for name in apollo.optimizer_names() if "rank" in apollo.r
 
 
 def build(config, *, dtype: str, device: str, weight_quant: bool, weight_group_size: int, weight_bits: int = 8,
-          stochastic_round: bool = False, activation_checkpointing: bool = False) -> nn.Module:
-    """The model as train/loop.py builds it (meta device: shapes only), int8-quantised on request."""
+          stochastic_round: bool = False, activation_checkpointing: bool = False, adapter=None) -> nn.Module:
+    """The model as train/loop.py builds it (meta device: shapes only), int8-quantised on request; `adapter` (a
+    TrainConfig or train.adapters.AdapterChoice): LoRA / Low-Rank factors, frozen W0 in the model dtype."""
+    from train.adapters import apply_adapter
     from train.model import build_model
 
     model = build_model(config, dtype=dtype, device=device, activation_checkpointing=activation_checkpointing)
+    if adapter is not None:
+        apply_adapter(model, adapter)
     if weight_quant:
         quantize_model(model, group_size=weight_group_size, bits=weight_bits, stochastic_round=stochastic_round)
     return model

@@ -53,8 +53,12 @@ class PlanRow:
 def planner_statics(config, *, optimizers: list[str] | None = None, modes: list[str] | None = None,
                     world_size: int = 1, fsdp: bool = False, fsdp_mixed_precision: bool = False,
                     dtype: str = "bfloat16", state_dtype: str | None = None, rank: int | None = None,
-                    device: str = "cuda", weight_group_size: int = 128, gradient_accumulation: int = 1):
+                    device: str = "cuda", weight_group_size: int = 128, gradient_accumulation: int = 1,
+                    adapters: list | None = None):
     """(optimizer, mode, the `_Static` of that run or the reason it is refused), AdamW first in each mode.
+
+    `adapters` (train.adapters.AdapterChoice, e.g. LoRA and Low-Rank at rank r): after the optimizers, one row
+    per adapter and mode, named "adamw+<adapter>" (the published rows train the factors with AdamW).
 
     A mode an optimizer refuses (train.optimizer_flags.MODES, layer-wise with several processes, int8 or
     layer-wise with FSDP2) gets its reason. One meta step per optimizer and weight format: activation
@@ -97,6 +101,25 @@ def planner_statics(config, *, optimizers: list[str] | None = None, modes: list[
             if isinstance(static, _Static) and flags.get("layerwise"):
                 static = dataclasses.replace(static, layerwise=True, accumulation=1, scratch=0, scratch_note="")
             yield name, mode, static
+        for choice in adapters or []:
+            row = f"adamw+{choice.adapter}"
+            if flags.get("layerwise") and world_size > 1:
+                yield row, mode, "layer-wise updates run on one process"
+                continue
+            key = (row, flags.get("weight_quant", False), choice)
+            if key not in cache:
+                try:
+                    cache[key] = prepare(config, optimizer="adamw", dtype=dtype, state_dtype=state_dtype, device=device,
+                                         world_size=world_size, fsdp=fsdp, fsdp_mixed_precision=fsdp_mixed_precision,
+                                         gradient_accumulation=gradient_accumulation, adapter=choice,
+                                         weight_quant=flags.get("weight_quant", False),
+                                         layerwise=flags.get("layerwise", False) and not fsdp)
+                except ValueError as error:
+                    cache[key] = str(error)
+            static = cache[key]
+            if isinstance(static, _Static) and flags.get("layerwise"):
+                static = dataclasses.replace(static, layerwise=True, accumulation=1, scratch=0, scratch_note="")
+            yield row, mode, static
 
 
 def plan(config, gpu_bytes: float, *, max_length: int = 256, optimizers: list[str] | None = None,
@@ -122,7 +145,7 @@ def plan(config, gpu_bytes: float, *, max_length: int = 256, optimizers: list[st
             row = PlanRow(name, mode, batch, peak, gpu_bytes - peak)
             if name == "adamw":
                 adamw[mode] = batch
-        if name in chosen:
+        if name in chosen or name.startswith("adamw+"):  # the adapter rows were asked for by name
             rows.append(row)
     for row in rows:
         if row.batch is None:
@@ -145,17 +168,17 @@ def parse_bytes(text: str) -> float:
 
 
 def format_plan(rows: list[PlanRow], gpu_bytes: float) -> list[str]:
-    lines = [f"{'optimizer':<12}{'mode':<26}{'micro-batch':>12}{'peak GB':>10}{'headroom GB':>13}{'x AdamW':>9}"]
+    lines = [f"{'optimizer':<16}{'mode':<26}{'micro-batch':>12}{'peak GB':>10}{'headroom GB':>13}{'x AdamW':>9}"]
     for row in rows:
         if row.batch is None:
-            lines.append(f"{row.optimizer:<12}{row.mode:<26}{'refused':>12}   ({row.note})")
+            lines.append(f"{row.optimizer:<16}{row.mode:<26}{'refused':>12}   ({row.note})")
             continue
         ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
         note = f"  ({row.note})" if row.note else ""
         if row.batch == 0:
-            lines.append(f"{row.optimizer:<12}{row.mode:<26}{0:>12}{row.peak / GB:>10.2f}{row.headroom / GB:>13.2f}"
+            lines.append(f"{row.optimizer:<16}{row.mode:<26}{0:>12}{row.peak / GB:>10.2f}{row.headroom / GB:>13.2f}"
                          f"{'-':>9}  (batch 1 does not fit){note}")
             continue
-        lines.append(f"{row.optimizer:<12}{row.mode:<26}{row.batch:>12}{row.peak / GB:>10.2f}{row.headroom / GB:>13.2f}"
+        lines.append(f"{row.optimizer:<16}{row.mode:<26}{row.batch:>12}{row.peak / GB:>10.2f}{row.headroom / GB:>13.2f}"
                      f"{ratio:>9}{note}")
     return lines

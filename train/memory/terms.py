@@ -17,6 +17,10 @@ activations    what autograd saves for backward (SDPA, fused attention kernel, n
                int8 weights: a layer's dequantised weight (float32, then cast: 4 n + p n [p != 4]) exists
                inside its own forward or backward
                (printed: saved + the largest of loss working set, recomputed layer, dequantised weight)
+               adapters (--adapter, rank r, train/adapters.py), per layer and token, on the 7 projections:
+                                      7 r p                   A x, saved for B's gradient
+                                    + (p + 1) (5h + nh hd + I)  with dropout: each adapter's dropped input
+                                                            (saved for A's gradient) and its bool mask
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ class Activations:
 
 
 def activations(config, batch_size: int, seq_len: int, p: int, *, checkpointing: bool = False,
-                padded: bool = True) -> Activations:
+                padded: bool = True, adapter_rank: int = 0, adapter_dropout: bool = False) -> Activations:
     """Saved activations and the loss's working set, by the per-layer formula of the module docstring."""
     h, inter, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     heads = config.num_attention_heads
@@ -43,6 +47,8 @@ def activations(config, batch_size: int, seq_len: int, p: int, *, checkpointing:
     hd = getattr(config, "head_dim", None) or h // heads
     tokens = batch_size * seq_len
     layer = 2 * (4 + 2 * p) * h + 8 + p * (2 * h + 2 * kv * hd) + 4 * heads + 4 * p * inter + (p * seq_len if padded else 0)
+    if adapter_rank:  # inputs of q, k, v, gate, up (h each), o (nh hd) and down (I)
+        layer += 7 * adapter_rank * p + ((p + 1) * (5 * h + heads * hd + inter) if adapter_dropout else 0)
     outside = tokens * ((4 + 2 * p) * h + 4 + 4 * vocab + 16) + 2 * seq_len * hd * p  # RoPE cos/sin: one (T, hd) each
     if checkpointing:
         saved, recompute = tokens * layers * p * h + outside, tokens * (layer + 3 * p * inter + 4 * p * h + 8 * h)

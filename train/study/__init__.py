@@ -20,7 +20,10 @@ to the folder you run from (the repository root), as for `python -m train`. Top-
                                   batch_size, total_batch_size, scheduler, decay_fraction, eval_tokens
     [optimizers.NAME]             one table per optimizer (apollo.optimizer_names()): a list is a grid axis,
                                   a single value a flag of that optimizer's runs; lr is required
-                                  (lr = [1e-3, 2e-3, 4e-3]; rank = [16, 32]; update_proj_gap = 25)
+                                  (lr = [1e-3, 2e-3, 4e-3]; rank = [16, 32]; update_proj_gap = 25);
+                                  or a row of its own name: an optimizer plus model-side flags, e.g.
+                                  [optimizers.lora] optimizer = "adamw", adapter = "lora", lora_rank = 128
+                                  (runs are named by the row; the report labels it adamw+lora)
     [[stages]]                    run in order; keys:
         name                      letters, digits, _ and -
         models                    names from [models] (default: all)

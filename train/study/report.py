@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from train.adapters import choice as adapter_choice, row_label
 from train.compare import RunError, load_run, smooth
 from train.study.fit import PowerLawFit, fit_power_law
 
@@ -141,7 +142,7 @@ def cells(results: list[Result]) -> dict[tuple[str, int], dict[str, list[Group]]
     for r in results:
         if r.loss is not None:
             by_optimizer = grouped.setdefault((r.model, r.tokens), {})
-            by_optimizer.setdefault(r.config["optimizer"], {}).setdefault(r.settings, []).append(r)
+            by_optimizer.setdefault(row_label(r.config), {}).setdefault(r.settings, []).append(r)  # adamw+lora apart
     return {cell: {opt: _ranked([Group(rs) for rs in configs.values()]) for opt, configs in sorted(by_opt.items())}
             for cell, by_opt in sorted(grouped.items())}
 
@@ -206,7 +207,7 @@ def memory_estimate(config: dict[str, Any], device: str) -> float | None:
                         activation_checkpointing=config.get("activation_checkpointing", False), dtype=config["dtype"],
                         state_dtype=config.get("state_dtype"), packing=config.get("packing", False),
                         weight_quant=config.get("weight_quant", False), layerwise=config.get("layerwise", False),
-                        device=device).total
+                        device=device, adapter=adapter_choice(config)).total
     except (ValueError, OSError, KeyError) as error:
         print(f"study report: no memory estimate for {config.get('name')}: {error}", file=sys.stderr)
         return None

@@ -52,13 +52,18 @@ class Spec:
     out: Path
     models: dict[str, str]
     common: dict[str, Any]
-    optimizers: dict[str, dict[str, Any]]  # canonical name -> {flag: value or list of values}
+    optimizers: dict[str, dict[str, Any]]  # row (canonical name, or a row's own name) -> {flag: value or list}
     stages: list[Stage]
     warmup_fraction: float = 0.1
     evals: int = 2
     saves: int = 2
     memory_device: str = "cuda"
     _sizes: dict = field(default_factory=dict, repr=False)  # model -> (parameters, tokens per update)
+    row_optimizers: dict[str, str] = field(default_factory=dict)  # a row named apart from its optimizer -> it
+
+    def optimizer_of(self, row: str) -> str:
+        """The --optimizer of a row of [optimizers] (its name, or its `optimizer` key)."""
+        return self.row_optimizers.get(row, row)
 
 
 @dataclass
@@ -128,18 +133,30 @@ def load_spec(path: str | Path) -> Spec:
         if not Path(config).is_file():
             raise StudyError(f"models.{name}: {config}: no such model config file")
     optimizers: dict[str, dict[str, Any]] = {}
+    row_optimizers: dict[str, str] = {}
     for name, table in raw["optimizers"].items():
+        # a row: an optimizer's table, or a table of its own name with `optimizer = NAME` and model-side flags
+        # (adapter = "lora", lora_rank = 128: the optimizer plus an adapter of train/adapters.py)
+        table = dict(table) if isinstance(table, dict) else table
+        named = table.pop("optimizer", None) if isinstance(table, dict) else None
         try:
-            canonical = apollo.canonical_name(name)
-        except ValueError:
-            raise StudyError(f"optimizers.{name}: unknown optimizer (one of {', '.join(apollo.optimizer_names())})") from None
-        if canonical in optimizers:
-            raise StudyError(f"optimizers.{name}: {canonical} is given twice")
+            canonical = apollo.canonical_name(named if named is not None else name)
+        except (ValueError, TypeError):
+            what = "unknown optimizer" if named is None else f"optimizer = {named!r} is unknown"
+            raise StudyError(f"optimizers.{name}: {what} (one of {', '.join(apollo.optimizer_names())})") from None
+        row = name if named is not None else canonical
+        if named is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise StudyError(f"optimizers.{name}: a row's name is letters, digits, _ and -")
+        if row in optimizers:
+            raise StudyError(f"optimizers.{name}: {row} is given twice")
         _check_table(f"optimizers.{name}", table, [canonical], allow_lists=True)
         if "lr" not in table:
             raise StudyError(f"optimizers.{name}: needs an lr grid, e.g. lr = [1e-3, 2e-3, 4e-3]")
-        optimizers[canonical] = {k: v if isinstance(v, list) else v for k, v in table.items()}
-    common = _check_table("common", raw.get("common", {}), list(optimizers), allow_lists=False)
+        optimizers[row] = {k: v if isinstance(v, list) else v for k, v in table.items()}
+        if row != canonical:
+            row_optimizers[row] = canonical
+    common = _check_table("common", raw.get("common", {}), sorted({row_optimizers.get(r, r) for r in optimizers}),
+                          allow_lists=False)
     for key in ("data_dir",):
         if key in common and not Path(common[key]).is_dir():
             raise StudyError(f"common.{key}: {common[key]}: no such folder")
@@ -179,7 +196,7 @@ def load_spec(path: str | Path) -> Spec:
             raise StudyError(f"stages.{name}: a budget must be positive")
         stages.append(stage)
     spec = Spec(path, Path(raw["out"]), models, common, optimizers, stages, raw.get("warmup_fraction", 0.1),
-                raw.get("evals", 2), raw.get("saves", 2), raw.get("memory_device", "cuda"))
+                raw.get("evals", 2), raw.get("saves", 2), raw.get("memory_device", "cuda"), row_optimizers=row_optimizers)
     if spec.memory_device not in ("cuda", "cpu") or not 0 <= spec.warmup_fraction < 1 or spec.evals < 1 or spec.saves < 1:
         raise StudyError("memory_device must be cuda or cpu, warmup_fraction in [0, 1), evals and saves >= 1")
     for stage in spec.stages:  # every run a stage can make (the whole grid, also behind `from`) must resolve
@@ -231,7 +248,8 @@ def make_run(spec: Spec, stage: Stage, model: str, budget: tuple[str, float], op
     values = "-".join(f"{key}{_slug(format(settings[key], 'g') if isinstance(settings[key], float) else str(settings[key]))}"
                       for key in axes)
     name = "-".join(filter(None, [model, _budget_label(requested), optimizer, values, f"s{seed}"]))
-    flags = [*_flags(spec.common), *_flags(derived), "--model_config", spec.models[model], "--optimizer", optimizer,
+    flags = [*_flags(spec.common), *_flags(derived), "--model_config", spec.models[model],
+             "--optimizer", spec.optimizer_of(optimizer),
              *_flags(settings), "--num_training_steps", str(steps), "--seed", str(seed), "--data_seed", str(seed)]
     return StudyRun(name, spec.out / "runs" / name, flags, stage.name, model, optimizer, seed, steps, steps * per_update,
                     dict(settings), axes)
