@@ -323,4 +323,4 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
 
 
 SPEC = OptimizerSpec("adam_mini", build, OPTIONS, "Adam-mini: one second moment per block (head, row, token, tensor)",
-                     from_groups=AdamMini, scratch_bytes=scratch.adam_mini, smoke_lr=3e-3, smoke_flags={"lr": 0.003})
+                     default_eps=1e-8, from_groups=AdamMini, scratch_bytes=scratch.adam_mini, smoke_lr=3e-3, smoke_flags={"lr": 0.003})

@@ -159,8 +159,9 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
 
 SPEC = OptimizerSpec(
     "adamw8bit", build, OPTIONS, "bitsandbytes' 8-bit AdamW (optional dependency: pip install -e .[bnb])",
-    states_follow_weights=True,  # bitsandbytes' 8-bit codes
-    from_groups=lambda groups, **kwargs: optimizer_class()(groups, **kwargs), scratch_bytes=scratch.adamw8bit,  # bitsandbytes imported on first use
+    default_eps=1e-8, states_follow_weights=True,  # bitsandbytes' 8-bit codes
+    from_groups=lambda groups, **kwargs: optimizer_class()(groups, **kwargs),  # bitsandbytes imported on first use
+    scratch_bytes=scratch.adamw8bit,
     refuses={"weight_quant": "8-bit AdamW quantises states, not weights; it cannot update int8 weights",
              "fsdp": "bitsandbytes' 8-bit states do not shard as DTensors"},
     smoke_lr=3e-3, smoke_flags={"lr": 0.003},

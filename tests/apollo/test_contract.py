@@ -131,6 +131,24 @@ def test_the_specs_default_betas_are_what_the_optimizer_uses(name, tiny_llama):
     assert spec.default_betas in betas, f"{name}: spec says {spec.default_betas}, groups use {betas}"
 
 
+def _hyperparameters(optimizer):
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_specs_default_eps_is_what_the_optimizer_uses(name, tiny_llama):
+    """Passing the spec's default_eps (what --eps's help says) builds the very optimizer no eps builds; another eps
+    does not (so the comparison sees eps)."""
+    spec = apollo.get_spec(name)
+    assert spec.takes_eps, f"{name}: takes no eps"
+    assert spec.default_eps is not None, f"spec {name!r} declares no default_eps"
+    model = tiny_llama()
+    plain = _hyperparameters(apollo.build_optimizer(name, model, lr=1e-2))
+    assert _hyperparameters(apollo.build_optimizer(name, model, lr=1e-2, eps=spec.default_eps)) == plain, \
+        f"{name}: its spec says eps {spec.default_eps}, its groups use another"
+    assert _hyperparameters(apollo.build_optimizer(name, model, lr=1e-2, eps=spec.default_eps * 10)) != plain
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if "weight_quant" in apollo.get_spec(n).refuses])
 def test_a_refused_int8_mode_is_refused_by_the_optimizer_too(name, tiny_llama):
     model = apollo.quantize_model(tiny_llama(), group_size=32)
