@@ -15,11 +15,12 @@ from torch import nn
 
 from . import scratch
 from .spec import Flag, OptimizerSpec
-from .optimizer import APOLLO, GaLore
+from .optimizer import APOLLO, GaLore, low_rank_state_bytes
 from .projection import PROJ_TYPE, RANK, UPDATE_PROJ_GAP
 from .quant import is_quantized
 from .routing import DEFAULT_TARGETS, TargetSpec, check_coverage, target_weights, trainable
 from .sharded import local
+from .state_dtypes import NUMBER_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 value = local(value)  # a sharded (DTensor) state counts the shard this process holds
                 total += value.numel() * value.element_size()
             elif isinstance(value, (int, float)):
-                total += 8
+                total += NUMBER_BYTES
     return total
+
+
+def torch_adamw_state_bytes(param: torch.Tensor, group: dict) -> int:
+    """torch.optim.AdamW's state of a weight of n numbers, p bytes each: ``step`` (a 0-d float32 tensor) and
+    ``exp_avg``, ``exp_avg_sq`` in the weight's dtype: 4 + 2 p n."""
+    return 4 + 2 * param.element_size() * param.numel()
 
 
 PROJ = Flag("proj", str, "APOLLO projection (default: the preset's)", "proj", choices=("random", "svd"))
@@ -146,13 +153,13 @@ GALORE_SCALE = Flag("galore_scale", float, "GaLore update scale (default 0.25)",
 _APOLLO_FLAGS = (RANK, UPDATE_PROJ_GAP, PROJ, PROJ_TYPE, SCALE_TYPE, APOLLO_SCALE, SCALE_FRONT)
 
 #: The specs of the optimizers this module builds (see apollo.spec).
-_LOW_RANK = dict(default_eps=1e-6, scratch_bytes=scratch.low_rank_family,
+_LOW_RANK = dict(default_eps=1e-6, state_bytes=low_rank_state_bytes, scratch_bytes=scratch.low_rank_family,
                  smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2})
 SPECS = (
     OptimizerSpec("adamw", build_adamw, ADAMW_OPTIONS, "torch.optim.AdamW over every parameter (fused kernel on CUDA)",
                   default_eps=1e-8, states_follow_weights=True,  # torch's AdamW keeps its moments in the weights' dtype
                   refuses={"weight_quant": "torch.optim.AdamW cannot update int8 weights"},
-                  from_groups=adamw_from_groups, scratch_bytes=scratch.adamw,
+                  from_groups=adamw_from_groups, state_bytes=torch_adamw_state_bytes, scratch_bytes=scratch.adamw,
                   smoke_lr=3e-3, smoke_flags={"lr": 0.003}),
     OptimizerSpec("apollo", partial(build_low_rank, "apollo"), LOWRANK_OPTIONS["apollo"],
                   "APOLLO: random rank-r projection, channel-wise scaling of the raw gradient",

@@ -18,7 +18,7 @@ from . import functional as F
 from .routing import DEFAULT_TARGETS
 from . import sharded
 from .fused import matmul_operands
-from .optimizer import _LowRankAdam
+from .optimizer import _LowRankAdam, low_rank_state_bytes
 from .projection import LEFT, PROJ_TYPE, RANK, RIGHT, UPDATE_PROJ_GAP
 from .spec import Flag
 
@@ -255,9 +255,10 @@ FIRA_PAPER_FORM = Flag("fira_paper_form", bool, "Fira: the paper's residual phi 
                                                 "(default: the published code's phi (G - alpha PR))", "paper_form",
                        default=False)
 
+
 SPEC = OptimizerSpec(
     "fira", build, OPTIONS, "Fira: GaLore + the norm-scaled residual outside the subspace, limiter on the residual",
-    aliases=("fira_adamw",), from_groups=Fira, scratch_bytes=scratch.fira,
+    aliases=("fira_adamw",), from_groups=Fira, state_bytes=low_rank_state_bytes, scratch_bytes=scratch.fira,
     cli_flags=(RANK, UPDATE_PROJ_GAP, PROJ_TYPE, FIRA_ALPHA, FIRA_PAPER_FORM), default_eps=1e-6,
     smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2, "fira_alpha": 0.25},
 )

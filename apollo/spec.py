@@ -78,6 +78,9 @@ class OptimizerSpec:
     refuses: mode (one of `MODES`) -> why it cannot run in it.
     from_groups: the optimizer over explicit param groups, ``from_groups(groups, **kwargs)`` (its class, or a
     function that builds it as ``build`` does): how integrations that make their own groups construct it.
+    state_bytes: its state formula, ``state_bytes(param, group) -> bytes`` that ``optimizer.state[param]`` holds
+    after a step, for a float, unsharded `param` of the param group `group` (as `apollo.optimizer_state_bytes`
+    counts: tensors at their size, a Python number 8 bytes); the contract test checks it against a real step.
     scratch_bytes: its memory model, ``scratch_bytes(param, group, *, name, p, device)`` -> bytes of the
     temporaries one parameter's update allocates (apollo/scratch.py has the derivations); train.memory refuses
     an optimizer without one.
@@ -101,6 +104,7 @@ class OptimizerSpec:
     states_follow_weights: bool = False
     refuses: Mapping[str, str] = field(default_factory=dict)
     from_groups: Callable[..., torch.optim.Optimizer] | None = None
+    state_bytes: Callable[[torch.Tensor, dict], int] | None = None
     scratch_bytes: Callable[..., int] | None = None
     smoke_lr: float = 1e-2
     smoke_options: Mapping[str, Any] = field(default_factory=dict)
