@@ -151,3 +151,22 @@ def test_init_step_creates_all_state_and_moves_nothing(tiny_llama, name):
             p.grad = torch.randn(p.shape, generator=generator)
         optimizer.step()
     assert {n: sorted(optimizer.state[p]) for n, p in model.named_parameters()} == after_init
+
+
+def test_a_registered_optimizer_gets_its_plan_from_its_builder(monkeypatch, tiny_llama):
+    """No table to edit: group_plan reads the groups a new spec's builder makes (here: SGD on the decoder
+    matrices with momentum, plain SGD on the rest) and turns each into the FQN patterns of its kinds."""
+    def build(model, lr, weight_decay=0.0, **options):
+        matrices = [p for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
+        rest = [p for p in model.parameters() if all(p is not q for q in matrices)]
+        return torch.optim.SGD([{"params": matrices, "momentum": options.get("momentum", 0.9), "name": "matrices"},
+                                {"params": rest, "name": "rest"}], lr=lr, weight_decay=weight_decay)
+
+    spec = apollo.OptimizerSpec("toy_sgd", build, frozenset({"momentum"}), "a toy", from_groups=torch.optim.SGD)
+    monkeypatch.setitem(apollo.REGISTRY, "toy_sgd", spec)
+    configs, constructor = titan_groups.group_plan("toy_sgd", 0.5, 0.1, momentum=0.8)
+    assert [c["pattern"] for c in configs] == [titan_groups.LLAMA3.matrices, titan_groups._not(titan_groups.LLAMA3.matrices)]
+    assert configs[0]["optimizer_kwargs"]["momentum"] == 0.8 and configs[1]["optimizer_kwargs"]["momentum"] == 0
+    assert constructor == {}
+    groups = titan_groups.route([(n, torch.nn.Parameter(torch.zeros(1))) for n in LLAMA3_NAMES], configs)["toy_sgd"]
+    assert [g["param_names"] for g in groups] == [LLAMA3_NAMES[1:6], [LLAMA3_NAMES[0]] + LLAMA3_NAMES[6:]]
