@@ -9,10 +9,10 @@ import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import apollo
 from apollo.integrations import titan_groups
+from tests.conftest import make_tiny_llama
 
 # torchtitan 0.3's Llama-3 debug model, layer 0 and the rest (printed from model_registry("debugmodel")).
 LLAMA3_NAMES = ["tok_embeddings.weight", "layers.0.attention.qkv_linear.wqkv.weight", "layers.0.attention.wo.weight",
@@ -22,11 +22,7 @@ LLAMA3_NAMES = ["tok_embeddings.weight", "layers.0.attention.qkv_linear.wqkv.wei
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+    return make_tiny_llama()  # untied head: SCALE's lm_head group
 
 
 def planned_names():
