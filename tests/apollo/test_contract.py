@@ -1,7 +1,8 @@
 """The contract every registered optimizer keeps, parametrised over `apollo.optimizer_names()` (torch's
 `optim_db` is the model): exact resume through ``torch.load(weights_only=True)``, layer-wise equals joint,
 bf16 weights with float32 states (or states that follow the weights, as the spec says) and a load that keeps
-their dtype, int8 weights or the spec's refusal, a meta-device step that creates the real state, torch.optim's
+their dtype, int8 weights or the spec's refusal, a meta-device step that creates the real state, the spec's
+state_bytes formula equal to that state, its default betas and eps equal to the optimizer's, torch.optim's
 closure / lr-scheduler / hook / add_param_group protocol, a loss that falls, and no crippling zero-gradient step.
 
 A new optimizer gets these tests by being registered; its own test file holds only its math. Settings come
