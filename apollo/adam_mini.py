@@ -18,7 +18,7 @@ from .spec import OptimizerSpec
 from . import quant, sharded
 from .base import BaseOptimizer, check_hyperparameters
 from .routing import check_coverage, trainable
-from .state_dtypes import state_dtype_name
+from .state_dtypes import NUMBER_BYTES, state_dtype_name, state_element_size
 
 logger = logging.getLogger(__name__)
 
@@ -322,5 +322,13 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     return AdamMini(partition(model, weight_decay), lr=lr, weight_decay=weight_decay, **options)
 
 
+def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
+    """One weight's state after a step (s bytes a state number): step (8) + m (s n) + v, one number per block
+    (`block_state_shape`: n elementwise, m rows, its heads, 1 for the whole tensor)."""
+    blocks = math.prod(block_state_shape(tuple(param.shape), block=group["block"], num_heads=group["num_heads"]))
+    return NUMBER_BYTES + state_element_size(group, param) * (param.numel() + blocks)
+
+
 SPEC = OptimizerSpec("adam_mini", build, OPTIONS, "Adam-mini: one second moment per block (head, row, token, tensor)",
-                     from_groups=AdamMini, scratch_bytes=scratch.adam_mini, smoke_lr=3e-3, smoke_flags={"lr": 0.003})
+                     default_eps=1e-8, from_groups=AdamMini, state_bytes=param_state_bytes,
+                     scratch_bytes=scratch.adam_mini, smoke_lr=3e-3, smoke_flags={"lr": 0.003})

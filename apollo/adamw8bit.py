@@ -130,6 +130,11 @@ def state_bytes(numel: int, min_8bit_size: int = 4096) -> int:
     return 2 * numel + 2 * 4 * blocks + 2 * 256 * 4 + 8
 
 
+def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
+    """The spec's formula: `state_bytes` of `param` with its group's min_8bit_size (the weight's dtype plays no part)."""
+    return state_bytes(param.numel(), group["min_8bit_size"])
+
+
 def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any) -> torch.optim.Optimizer:
     """bitsandbytes' 8-bit AdamW over every trainable parameter of `model`, one group named "all".
 
@@ -159,8 +164,9 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
 
 SPEC = OptimizerSpec(
     "adamw8bit", build, OPTIONS, "bitsandbytes' 8-bit AdamW (optional dependency: pip install -e .[bnb])",
-    states_follow_weights=True,  # bitsandbytes' 8-bit codes
-    from_groups=lambda groups, **kwargs: optimizer_class()(groups, **kwargs), scratch_bytes=scratch.adamw8bit,  # bitsandbytes imported on first use
+    default_eps=1e-8, states_follow_weights=True,  # bitsandbytes' 8-bit codes
+    from_groups=lambda groups, **kwargs: optimizer_class()(groups, **kwargs),  # bitsandbytes imported on first use
+    state_bytes=param_state_bytes, scratch_bytes=scratch.adamw8bit,
     refuses={"weight_quant": "8-bit AdamW quantises states, not weights; it cannot update int8 weights",
              "fsdp": "bitsandbytes' 8-bit states do not shard as DTensors"},
     smoke_lr=3e-3, smoke_flags={"lr": 0.003},

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from . import scratch
-from .spec import OptimizerSpec
-from .optimizer import APOLLO, GaLore
+from .spec import Flag, OptimizerSpec
+from .optimizer import APOLLO, GaLore, low_rank_state_bytes
+from .projection import PROJ_TYPE, RANK, UPDATE_PROJ_GAP
 from .quant import is_quantized
 from .routing import DEFAULT_TARGETS, TargetSpec, check_coverage, target_weights, trainable
 from .sharded import local
+from .state_dtypes import NUMBER_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -129,30 +131,46 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 value = local(value)  # a sharded (DTensor) state counts the shard this process holds
                 total += value.numel() * value.element_size()
             elif isinstance(value, (int, float)):
-                total += 8
+                total += NUMBER_BYTES
     return total
 
 
-_APOLLO_FLAGS = {"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type", "proj": "proj",
-                 "scale_type": "scale_type", "apollo_scale": "scale", "scale_front": "scale_front"}
+def torch_adamw_state_bytes(param: torch.Tensor, group: dict) -> int:
+    """torch.optim.AdamW's state of a weight of n numbers, p bytes each: ``step`` (a 0-d float32 tensor) and
+    ``exp_avg``, ``exp_avg_sq`` in the weight's dtype: 4 + 2 p n."""
+    return 4 + 2 * param.element_size() * param.numel()
+
+
+PROJ = Flag("proj", str, "APOLLO projection (default: the preset's)", "proj", choices=("random", "svd"))
+SCALE_TYPE = Flag("scale_type", str, "APOLLO scaling granularity (default: the preset's)", "scale_type",
+                  choices=("channel", "tensor"))
+APOLLO_SCALE = Flag("apollo_scale", float, "APOLLO scale c; the update is multiplied by sqrt(c) (default: the preset's, "
+                                           "1 or Mini 128)", "scale", above=0.0)
+SCALE_FRONT = Flag("scale_front", bool, "APOLLO: apply sqrt(scale) before the norm-growth limiter", "scale_front",
+                   default=False)
+GALORE_SCALE = Flag("galore_scale", float, "GaLore update scale (default 0.25)", "scale", above=0.0)
+
+_APOLLO_FLAGS = (RANK, UPDATE_PROJ_GAP, PROJ, PROJ_TYPE, SCALE_TYPE, APOLLO_SCALE, SCALE_FRONT)
 
 #: The specs of the optimizers this module builds (see apollo.spec).
+_LOW_RANK = dict(default_eps=1e-6, state_bytes=low_rank_state_bytes, scratch_bytes=scratch.low_rank_family,
+                 smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2})
 SPECS = (
     OptimizerSpec("adamw", build_adamw, ADAMW_OPTIONS, "torch.optim.AdamW over every parameter (fused kernel on CUDA)",
-                  states_follow_weights=True,  # torch's AdamW keeps its moments in the weights' dtype
+                  default_eps=1e-8, states_follow_weights=True,  # torch's AdamW keeps its moments in the weights' dtype
                   refuses={"weight_quant": "torch.optim.AdamW cannot update int8 weights"},
-                  from_groups=adamw_from_groups, scratch_bytes=scratch.adamw,
+                  from_groups=adamw_from_groups, state_bytes=torch_adamw_state_bytes, scratch_bytes=scratch.adamw,
                   smoke_lr=3e-3, smoke_flags={"lr": 0.003}),
     OptimizerSpec("apollo", partial(build_low_rank, "apollo"), LOWRANK_OPTIONS["apollo"],
                   "APOLLO: random rank-r projection, channel-wise scaling of the raw gradient",
-                  aliases=("apollo_adamw",), flags=_APOLLO_FLAGS, from_groups=APOLLO, scratch_bytes=scratch.low_rank_family, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
+                  aliases=("apollo_adamw",), cli_flags=_APOLLO_FLAGS, from_groups=APOLLO, **_LOW_RANK),
     OptimizerSpec("apollo_mini", partial(build_low_rank, "apollo_mini"), LOWRANK_OPTIONS["apollo"],
-                  "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128", flags=_APOLLO_FLAGS, from_groups=APOLLO, scratch_bytes=scratch.low_rank_family,
-                  smoke_options={"update_proj_gap": 2}, smoke_flags={"update_proj_gap": 2}),
+                  "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128", cli_flags=_APOLLO_FLAGS,
+                  flag_help={"rank": "default 1"}, from_groups=APOLLO,
+                  **{**_LOW_RANK, "smoke_options": {"update_proj_gap": 2}, "smoke_flags": {"update_proj_gap": 2}}),
     OptimizerSpec("apollo_svd", partial(build_low_rank, "apollo_svd"), LOWRANK_OPTIONS["apollo"],
-                  "APOLLO with GaLore's SVD projection", flags=_APOLLO_FLAGS, from_groups=APOLLO, scratch_bytes=scratch.low_rank_family, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
+                  "APOLLO with GaLore's SVD projection", cli_flags=_APOLLO_FLAGS, from_groups=APOLLO, **_LOW_RANK),
     OptimizerSpec("galore", partial(build_low_rank, "galore"), LOWRANK_OPTIONS["galore"],
-                  "GaLore: Adam in an SVD subspace, projected back", aliases=("galore_adamw",), from_groups=GaLore, scratch_bytes=scratch.low_rank_family,
-                  flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type",
-                         "galore_scale": "scale"}, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2}),
+                  "GaLore: Adam in an SVD subspace, projected back", aliases=("galore_adamw",),
+                  cli_flags=(RANK, UPDATE_PROJ_GAP, PROJ_TYPE, GALORE_SCALE), from_groups=GaLore, **_LOW_RANK),
 )

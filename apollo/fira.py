@@ -18,8 +18,9 @@ from . import functional as F
 from .routing import DEFAULT_TARGETS
 from . import sharded
 from .fused import matmul_operands
-from .optimizer import _LowRankAdam
-from .projection import LEFT, RIGHT
+from .optimizer import _LowRankAdam, low_rank_state_bytes
+from .projection import LEFT, PROJ_TYPE, RANK, RIGHT, UPDATE_PROJ_GAP
+from .spec import Flag
 
 logger = logging.getLogger(__name__)
 
@@ -248,10 +249,16 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     return Fira(groups, lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
 
 
+FIRA_ALPHA = Flag("fira_alpha", float, "Fira: scale alpha of the low-rank update and its residual (default 0.25; "
+                                       "0.0625 published at 1B/7B)", "alpha", above=0.0)
+FIRA_PAPER_FORM = Flag("fira_paper_form", bool, "Fira: the paper's residual phi (I - PP^T) G with alpha on both terms "
+                                                "(default: the published code's phi (G - alpha PR))", "paper_form",
+                       default=False)
+
+
 SPEC = OptimizerSpec(
     "fira", build, OPTIONS, "Fira: GaLore + the norm-scaled residual outside the subspace, limiter on the residual",
-    aliases=("fira_adamw",), from_groups=Fira, scratch_bytes=scratch.fira,
-    flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type", "fira_alpha": "alpha",
-           "fira_paper_form": "paper_form"},
+    aliases=("fira_adamw",), from_groups=Fira, state_bytes=low_rank_state_bytes, scratch_bytes=scratch.fira,
+    cli_flags=(RANK, UPDATE_PROJ_GAP, PROJ_TYPE, FIRA_ALPHA, FIRA_PAPER_FORM), default_eps=1e-6,
     smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2, "fira_alpha": 0.25},
 )

@@ -62,12 +62,12 @@ import torch
 from torch import nn
 
 from .base import BaseOptimizer, check_hyperparameters
-from .projection import advance_seed
+from .projection import RANK, UPDATE_PROJ_GAP, advance_seed
 from .routing import check_coverage, trainable
 from .scratch import state_number_bytes
 from .spec import OptimizerSpec
 from . import quant, sharded
-from .state_dtypes import STATE_DTYPES, state_dtype_name
+from .state_dtypes import STATE_DTYPES, state_dtype_name, state_element_size
 
 logger = logging.getLogger(__name__)
 
@@ -372,11 +372,19 @@ def scratch_bytes(param: torch.Tensor, group: dict, *, name: str, p: int, device
     return work + (2 * w * n if p != w else 0) + (w * states if s != w else 0)
 
 
+def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
+    """The spec's formula: `state_bytes` of `param` with its group's rank, beta1, factoring and state dtype."""
+    return state_bytes(tuple(param.shape), group["rank"], beta1=group["betas"][0],
+                       factored=group["factorize_second_moment"], state_bytes_per_number=state_element_size(group, param))
+
+
 SPEC = OptimizerSpec(
     "flora", build, OPTIONS,
     "Flora: Adafactor with its momentum in a seeded random rank-r subspace, re-drawn every kappa steps",
-    flags={"rank": "rank", "update_proj_gap": "update_proj_gap"},  # κ: the harness's name for the refresh gap
-    default_betas=(0.9, 0.8), from_groups=Flora, scratch_bytes=scratch_bytes,  # (beta1, c): beta2 is Adafactor's decay exponent, beta_hat_t = 1 - t^(-c)
+    cli_flags=(RANK, UPDATE_PROJ_GAP),  # κ: the harness's name for the refresh gap
+    flag_help={"update_proj_gap": "kappa, updates between re-drawn projections (default 1000)"},
+    default_betas=(0.9, 0.8),  # (beta1, c): beta2 is Adafactor's decay exponent, beta_hat_t = 1 - t^(-c)
+    default_eps=DEFAULTS["eps"], from_groups=Flora, state_bytes=param_state_bytes, scratch_bytes=scratch_bytes,
     refuses={"weight_quant": "Flora has no int8 weight path",
              "fsdp": "Flora's factored second moment and projections need whole matrices (no DTensor path)"},
     # rank 4 with the relative step is too noisy for a loss test on the tiny model; kappa 2 re-draws at the save

@@ -21,7 +21,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import scratch
-from .spec import OptimizerSpec
+from .spec import Flag, OptimizerSpec
+from .factory import torch_adamw_state_bytes
+from .scale import ADAM_LR
 from . import quant, sharded
 from .base import BaseOptimizer, check_hyperparameters
 from .routing import check_coverage, trainable
@@ -346,12 +348,27 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     return MuonAdamW(groups, lr=lr, weight_decay=weight_decay, **options)
 
 
+MUON_MOMENTUM = Flag("muon_momentum", float, "Muon: momentum (default 0.95)", "momentum", low=0.0, below=1.0)
+MUON_NO_NESTEROV = Flag("muon_no_nesterov", bool, "Muon: plain momentum instead of Nesterov's", "nesterov",
+                        default=False, negated=True)  # the flag turns Nesterov off: the option is its negation
+MUON_ADJUST_LR = Flag("muon_adjust_lr", str, "Muon: lr adjustment to the matrix shape (default original)",
+                      "adjust_lr_fn", choices=("original", "match_rms_adamw"))
+
+
+def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
+    """One weight's state after a step, in the weight's dtype (p bytes, n numbers): a Muon matrix its momentum
+    buffer p n; the AdamW part torch.optim.AdamW's 4 + 2 p n."""
+    if group["kind"] == "muon":
+        return param.element_size() * param.numel()
+    return torch_adamw_state_bytes(param, group)
+
+
 SPEC = OptimizerSpec(
     "muon", build, OPTIONS,
     "torch.optim.Muon on the decoder matrices + torch.optim.AdamW on embeddings, lm_head, norms",
-    flags={"adam_lr": "adam_lr", "muon_momentum": "momentum", "muon_no_nesterov": "nesterov",
-           "muon_adjust_lr": "adjust_lr_fn"},
-    negated_flags=frozenset({"muon_no_nesterov"}), from_groups=MuonAdamW, scratch_bytes=scratch.muon,  # the flag turns Nesterov off: the option is its negation
+    cli_flags=(ADAM_LR, MUON_MOMENTUM, MUON_NO_NESTEROV, MUON_ADJUST_LR), default_eps=1e-8,
+    flag_help={"adam_lr": "embeddings, lm_head and norms, default --lr"},
+    from_groups=MuonAdamW, state_bytes=param_state_bytes, scratch_bytes=scratch.muon,
     states_follow_weights=True,  # torch's Muon and AdamW keep their states in the weights' dtype
     refuses={"weight_quant": "Newton-Schulz on re-quantised int8 weights is not a published method"},
     smoke_lr=0.02, smoke_options={"adam_lr": 3e-3}, smoke_flags={"lr": 0.02, "adam_lr": 0.003},

@@ -31,6 +31,7 @@ Deliberate differences from the published ``apollo-torch`` package (see ALGORITH
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -42,7 +43,7 @@ from . import sharded
 from .projection import (PROJ_TYPES, RIGHT, advance_seed, projected_shape, projection_shape, projection_side,
                          random_projection, svd_projection)
 from .base import BaseOptimizer, check_hyperparameters
-from .state_dtypes import STATE_DTYPES as ALL_STATE_DTYPES, state_dtype_name
+from .state_dtypes import NUMBER_BYTES, STATE_DTYPES as ALL_STATE_DTYPES, state_dtype_name, state_element_size
 
 PROJ_KINDS = ("random", "svd")
 SCALE_TYPES = ("channel", "tensor")
@@ -52,6 +53,30 @@ STATE_DTYPES = {name: dtype for name, dtype in ALL_STATE_DTYPES.items() if name 
 def _state_dtype_name(state_dtype: torch.dtype | str | None) -> str | None:
     """Normalise a state dtype to a string (kept in param groups so that state dicts stay plain)."""
     return state_dtype_name(state_dtype, STATE_DTYPES)
+
+
+def low_rank_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
+    r"""Bytes of one weight's state after a step (APOLLO, GaLore, Fira), s bytes a state number (`state_dtype`, else
+    the weight's p), n numbers, 8 a Python int.
+
+    A group without ``rank``: Adam's ``step`` + two moments, :math:`8 + 2 s n`. A low-rank m x n weight:
+    :math:`8 + 2 s |R|` (R the projected r x L gradient) + P itself (:math:`p |P|`, in the gradient's dtype) for an
+    SVD projection or ``store_projection`` + the seed (8) for a random one + ``limiter_norm`` (a 0-d tensor in
+    max(float32, p)) when the group's norm-growth limiter is on (APOLLO, Fira; GaLore has none).
+    """
+    s, p = state_element_size(group, param), param.element_size()
+    if group.get("rank") is None:
+        return NUMBER_BYTES + 2 * s * param.numel()
+    side = projection_side(param.shape, group.get("proj_type", "std"))
+    total = NUMBER_BYTES + 2 * s * math.prod(projected_shape(param.shape, group["rank"], side))
+    random = group.get("proj", "svd") == "random"
+    if not random or group.get("store_projection"):
+        total += p * math.prod(projection_shape(param.shape, group["rank"], side))
+    if random:
+        total += NUMBER_BYTES
+    if group.get("norm_growth_limiter"):
+        total += max(4, p)
+    return total
 
 
 class _LowRankAdam(BaseOptimizer):

@@ -18,8 +18,17 @@ import math
 
 import torch
 
+from .spec import Flag
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 RIGHT, LEFT = "right", "left"
+
+# The CLI flags of every optimizer that projects onto a rank-r subspace (each spec lists the ones it takes).
+RANK = Flag("rank", int, "projection rank r (default: a quarter of the hidden size)", "rank", low=1)
+UPDATE_PROJ_GAP = Flag("update_proj_gap", int, "updates between projection refreshes, T (default 200)",
+                       "update_proj_gap", low=1)
+PROJ_TYPE = Flag("proj_type", str, "which side of each matrix to project (default std: the shorter one)", "proj_type",
+                 choices=PROJ_TYPES)
 
 # Seeds advance by drawing this many integers from a generator seeded with the current seed.
 _SEED_DRAWS = 15

@@ -95,3 +95,14 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
     if unknown:
         raise ValueError(f"optimizer {key!r} does not take option(s) {', '.join(unknown)}")
     return entry.build(model, lr, weight_decay, **options)
+
+
+def formula_state_bytes(name: str, model: nn.Module, **options: Any) -> int:
+    """The optimizer state `name` holds over `model` after a step, by its spec's ``state_bytes`` formula: the
+    optimizer is built (its groups, their settings), not stepped, so a meta-device model of any size costs nothing.
+    ValueError for a spec that declares no formula."""
+    spec = get_spec(name)
+    if spec.state_bytes is None:
+        raise ValueError(f"spec {spec.name!r} declares no state_bytes")
+    optimizer = build_optimizer(name, model, lr=1e-3, **options)
+    return sum(spec.state_bytes(param, group) for group in optimizer.param_groups for param in group["params"])

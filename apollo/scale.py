@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from . import scratch
-from .spec import OptimizerSpec
+from .spec import Flag, OptimizerSpec
 from . import quant, sharded
 from .base import BaseOptimizer, check_hyperparameters
 from .routing import check_coverage, trainable
 from .optimizer import STATE_DTYPES, _state_dtype_name
+from .state_dtypes import NUMBER_BYTES, state_element_size
 
 logger = logging.getLogger(__name__)
 
@@ -308,9 +309,25 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
                  betas=tuple(settings["betas"]), eps=settings["eps"], state_dtype=settings["state_dtype"])
 
 
+#: Shared with the other hybrids that give some parameters to AdamW (Muon lists it too).
+ADAM_LR = Flag("adam_lr", float, "peak lr of the AdamW part of a hybrid optimizer", "adam_lr", above=0.0)
+SCALE_MOMENTUM = Flag("scale_momentum", float, "SCALE: momentum of the lm_head (default 0.9)", "momentum",
+                      low=0.0, below=1.0)
+SCALE_NORM = Flag("scale_norm", str, "SCALE: normalise rows/columns by their rms (default, the published code) or "
+                                     "by their L2 norm (the paper's text)", "norm", choices=NORMS)
+
+
+def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
+    """One weight's state after a step (s bytes a state number, n numbers): column_norm none, lm_head's momentum
+    s n, an AdamW parameter Adam's step (8) + two moments, 8 + 2 s n."""
+    s, n = state_element_size(group, param), param.numel()
+    return {"column_norm": 0, "momentum_column_norm": s * n, "adamw": NUMBER_BYTES + 2 * s * n}[group["rule"]]
+
+
 SPEC = OptimizerSpec(
     "scale", build, OPTIONS, "SCALE: column-normalised SGD, lm_head momentum, AdamW for the norms (no state per matrix)",
-    aliases=("scale_sgd",), from_groups=SCALE, scratch_bytes=scratch.scale,
-    flags={"adam_lr": "adam_lr", "scale_momentum": "momentum", "scale_norm": "norm"},
+    aliases=("scale_sgd",), from_groups=SCALE, state_bytes=param_state_bytes, scratch_bytes=scratch.scale,
+    cli_flags=(ADAM_LR, SCALE_MOMENTUM, SCALE_NORM), default_eps=1e-8,
+    flag_help={"adam_lr": "the norms, default 0.02 (published 60M-350M; 1e-3 at 1B/7B)"},
     smoke_options={"adam_lr": 1e-2}, smoke_flags={"lr": 0.003, "adam_lr": 0.01},
 )

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from . import scratch
-from .spec import OptimizerSpec
+from .spec import Flag, OptimizerSpec
 from . import functional as F
 from . import quant, sharded
 from .base import BaseOptimizer, check_hyperparameters
 from .routing import check_coverage, trainable
-from .state_dtypes import STATE_DTYPES as ALL_STATE_DTYPES, state_dtype_name
+from .state_dtypes import NUMBER_BYTES, STATE_DTYPES as ALL_STATE_DTYPES, state_dtype_name, state_element_size
 
 logger = logging.getLogger(__name__)
 
@@ -390,12 +390,30 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     return SOAP(groups, lr=lr, weight_decay=weight_decay, **options)
 
 
+SOAP_PRECONDITION_FREQUENCY = Flag("soap_precondition_frequency", int, "SOAP: updates between eigenbasis refreshes, "
+                                   "f (default 10)", "precondition_frequency", low=1)
+SOAP_MAX_PRECOND_DIM = Flag("soap_max_precond_dim", int, "SOAP: a side longer than this is not rotated (default 10000)",
+                            "max_precond_dim", low=1)
+SOAP_SHAMPOO_BETA = Flag("soap_shampoo_beta", float, "SOAP: decay of the preconditioner statistics (default: beta2)",
+                         "shampoo_beta", above=0.0, below=1.0)
+
+
+def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
+    """One weight's state after a step (s bytes a state number): step (8) + two moments (2 s n), and for a matrix
+    each rotated side of length d (d <= max_precond_dim) its statistics and eigenbasis, 2 s d^2."""
+    s = state_element_size(group, param)
+    total = NUMBER_BYTES + 2 * s * param.numel()
+    if param.dim() == 2:
+        total += sum(2 * s * size * size for size, kept in
+                     zip(param.shape, SOAP.rotated_sides(param.shape, group["max_precond_dim"])) if kept)
+    return total
+
+
 SPEC = OptimizerSpec(
     "soap", build, OPTIONS, "SOAP: Adam in the eigenbasis of Shampoo's preconditioners",
-    flags={"soap_precondition_frequency": "precondition_frequency", "soap_max_precond_dim": "max_precond_dim",
-           "soap_shampoo_beta": "shampoo_beta"},
+    cli_flags=(SOAP_PRECONDITION_FREQUENCY, SOAP_MAX_PRECOND_DIM, SOAP_SHAMPOO_BETA), default_eps=1e-8,
     default_betas=(0.95, 0.95),  # SOAP.__init__'s defaults (tested against them)
-    from_groups=SOAP, scratch_bytes=scratch.soap,
+    from_groups=SOAP, state_bytes=param_state_bytes, scratch_bytes=scratch.soap,
     refuses={"weight_quant": "SOAP has no int8 weight path",
              "fsdp": "SOAP's preconditioners need whole matrices (no gathered update yet)"},
     smoke_lr=3e-3, smoke_options={"precondition_frequency": 2},

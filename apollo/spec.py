@@ -1,6 +1,7 @@
 """`OptimizerSpec`: every fact about one optimizer, declared next to it (its module's ``SPEC`` / ``SPECS``).
 
-`apollo.registry` collects the specs; the training harness derives from them which flag reaches which
+`apollo.registry` collects the specs; the training harness derives from them its optimizer flags (a `Flag`
+declared by the spec(s) that own it becomes a TrainConfig field and a ``--flag``), which flag reaches which
 option, the default betas, whether states follow the weights' dtype and which modes are refused (with
 the one-line reason), so that none of those tables names an optimizer. torch's ``optim_db`` /
 ``OptimizerInfo`` is the model.
@@ -23,6 +24,41 @@ def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
 
 
 @dataclass(frozen=True)
+class Flag:
+    """A training CLI flag an optimizer owns: ``--name``, a TrainConfig field generated from the specs (train/config.py).
+
+    Declared once (a module-level constant of the module that owns it) and listed in the ``cli_flags`` of every
+    spec that takes it; a spec may also map a flag another spec declares by name in its ``flags``.
+    kind: int, float, str or bool (a bool flag is store_true and defaults to False). default: None means "the
+    optimizer's own default": the option is passed only when the flag is set away from it. help: its --help
+    text (the harness adds which optimizers take it, and each spec's ``flag_help`` note). choices, and the
+    numeric domain ``low <= value <= high``, ``above < value < below`` (train.config.option's metadata, enforced
+    by check_domains). option: the build option it sets (a spec's ``flags`` may map it to another);
+    negated: the option is ``not value`` (``--muon_no_nesterov`` -> ``nesterov=False``).
+    """
+
+    name: str
+    kind: type
+    help: str
+    option: str
+    default: Any = None
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    below: float | None = None
+    negated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in (int, float, str, bool):
+            raise ValueError(f"Flag --{self.name}: kind must be int, float, str or bool, not {self.kind!r}")
+        if self.kind is bool and self.default is not False:
+            raise ValueError(f"Flag --{self.name}: a bool flag is store_true, its default is False")
+        if self.negated and self.kind is not bool:
+            raise ValueError(f"Flag --{self.name}: only a bool flag can be negated")
+
+
+@dataclass(frozen=True)
 class OptimizerSpec:
     """One optimizer: how to build it and what it takes, supports and refuses.
 
@@ -30,13 +66,21 @@ class OptimizerSpec:
     build: ``(model, lr, weight_decay, **options) -> torch.optim.Optimizer`` (its routing lives there).
     options: the option keys ``build`` accepts (anything else is refused with one line).
     summary: one line for ``--help`` and the README.
-    flags: training CLI flag (a TrainConfig field) -> the option key it sets; ``negated_flags``: flags that
-    set their option to ``not value`` (``--muon_no_nesterov`` -> ``nesterov=False``).
-    default_betas: what it uses when ``--beta1/--beta2`` are not given.
+    cli_flags: the `Flag`s it takes (the CLI flags are generated from the registered specs' cli_flags; a flag
+    shared by several optimizers is one `Flag` object listed by each).
+    flags: training CLI flag (a TrainConfig field) -> the option key it sets: its cli_flags' own options, plus
+    (or overriding them) what is given here, which may name a flag another spec declares; ``negated_flags``:
+    flags that set their option to ``not value`` (``--muon_no_nesterov`` -> ``nesterov=False``; a negated
+    `Flag` is added). flag_help: flag -> a note on what it means for this optimizer (its default), in --help.
+    default_betas: what it uses when ``--beta1/--beta2`` are not given; default_eps: the eps it uses when
+    ``--eps`` is not given (of its Adam-type part; None: not stated).
     states_follow_weights: its states always take the weights' dtype (no float32 states for bf16 weights).
     refuses: mode (one of `MODES`) -> why it cannot run in it.
     from_groups: the optimizer over explicit param groups, ``from_groups(groups, **kwargs)`` (its class, or a
     function that builds it as ``build`` does): how integrations that make their own groups construct it.
+    state_bytes: its state formula, ``state_bytes(param, group) -> bytes`` that ``optimizer.state[param]`` holds
+    after a step, for a float, unsharded `param` of the param group `group` (as `apollo.optimizer_state_bytes`
+    counts: tensors at their size, a Python number 8 bytes); the contract test checks it against a real step.
     scratch_bytes: its memory model, ``scratch_bytes(param, group, *, name, p, device)`` -> bytes of the
     temporaries one parameter's update allocates (apollo/scratch.py has the derivations); train.memory refuses
     an optimizer without one.
@@ -51,12 +95,16 @@ class OptimizerSpec:
     options: frozenset[str]
     summary: str
     aliases: tuple[str, ...] = ()
+    cli_flags: tuple[Flag, ...] = ()
     flags: Mapping[str, str] = field(default_factory=dict)
     negated_flags: frozenset[str] = frozenset()
+    flag_help: Mapping[str, str] = field(default_factory=dict)
     default_betas: tuple[float, float] = STANDARD_BETAS
+    default_eps: float | None = None
     states_follow_weights: bool = False
     refuses: Mapping[str, str] = field(default_factory=dict)
     from_groups: Callable[..., torch.optim.Optimizer] | None = None
+    state_bytes: Callable[[torch.Tensor, dict], int] | None = None
     scratch_bytes: Callable[..., int] | None = None
     smoke_lr: float = 1e-2
     smoke_options: Mapping[str, Any] = field(default_factory=dict)
@@ -64,7 +112,11 @@ class OptimizerSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", frozenset(self.options))
-        object.__setattr__(self, "flags", _frozen(self.flags))
+        object.__setattr__(self, "cli_flags", tuple(self.cli_flags))
+        object.__setattr__(self, "flags", _frozen({**{f.name: f.option for f in self.cli_flags}, **self.flags}))
+        object.__setattr__(self, "negated_flags",
+                           frozenset(self.negated_flags) | {f.name for f in self.cli_flags if f.negated})
+        object.__setattr__(self, "flag_help", _frozen(self.flag_help))
         object.__setattr__(self, "refuses", _frozen(self.refuses))
         object.__setattr__(self, "smoke_options", _frozen(self.smoke_options))
         object.__setattr__(self, "smoke_flags", _frozen(self.smoke_flags))
@@ -79,6 +131,8 @@ class OptimizerSpec:
             raise ValueError(f"OptimizerSpec {self.name!r}: smoke_options {unknown_smoke} are not among its options")
         if not set(self.negated_flags) <= set(self.flags):
             raise ValueError(f"OptimizerSpec {self.name!r}: negated flags must be among its flags")
+        if not set(self.flag_help) <= set(self.flags):
+            raise ValueError(f"OptimizerSpec {self.name!r}: flag_help notes flags it does not take")
 
     @property
     def takes_eps(self) -> bool:

@@ -27,6 +27,18 @@ def state_dtype_name(state_dtype: torch.dtype | str | None, allowed=STATE_DTYPES
     return state_dtype
 
 
+#: What `apollo.optimizer_state_bytes` counts for a Python int or float kept in a state (a step count, a seed).
+NUMBER_BYTES = 8
+
+
+def state_element_size(group: dict, param: torch.Tensor) -> int:
+    """Bytes of one state number of `param` in `group`: the group's ``state_dtype`` (a name or a dtype), else the
+    weight's (the state-bytes formulas of the specs use it)."""
+    dtype = group.get("state_dtype")
+    dtype = STATE_DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
+    return (dtype or param.dtype).itemsize
+
+
 def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
     """After `Optimizer.load_state_dict(state_dict)`: floating state tensors get the dtype they were saved in."""
     saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])

@@ -64,6 +64,7 @@ def test_muon_step_times_each_shape_that_muon_updates_once():
     import muon_step
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # its own sizes: the shape counts asserted below are of this model
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2)
     model = LlamaForCausalLM(config)

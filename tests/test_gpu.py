@@ -3,18 +3,14 @@ import pytest
 import torch
 
 import apollo
+from tests.conftest import make_tiny_llama
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def _model(device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    return make_tiny_llama(0).to(device=device, dtype=dtype)
 
 
 @pytest.mark.parametrize("name", ["apollo", "apollo_mini", "apollo_svd", "galore", "fira"])

@@ -1,7 +1,8 @@
 """The run configuration: one dataclass, the command line generated from it, and the checks that need no model.
 
-Every option of a run is a field of `TrainConfig`, documented by its `help`. `build_parser` turns the
-fields into argparse flags one to one (`--lr 0.01`; booleans are store_true), so the commands of the
+Every option of a run is a field of `TrainConfig`, documented by its `help`; the optimizer-specific fields
+are generated from the optimizer specs' `apollo.spec.Flag`s (`_with_optimizer_flags`: an optimizer registered
+before this module is imported brings its flags). `build_parser` turns the fields into argparse flags one to one (`--lr 0.01`; booleans are store_true), so the commands of the
 published APOLLO/GaLore scripts work unchanged. `resolve` checks every value and fills in what is
 derived (the missing one of batch size / accumulation / total batch, steps from --max_train_tokens,
 dtype, state dtype, save_dir, name); a bad value raises `ConfigError` with one line saying what to
@@ -59,9 +60,50 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, p
                                             "above": above, "below": below})
 
 
+def _defaults_help(values: dict[str, Any]) -> str:
+    """'0.9; 0.95 soap' from {optimizer: its default}: the most common value, then the others with their optimizers."""
+    by_value: dict[Any, list[str]] = {}
+    for name, value in values.items():
+        by_value.setdefault(value, []).append(name)
+    common, *others = sorted(by_value, key=lambda value: -len(by_value[value]))
+    return "; ".join([f"{common:g}", *(f"{value:g} {', '.join(by_value[value])}" for value in others)])
+
+
+def _spec_defaults(attribute: str) -> dict[str, Any]:
+    return {spec.name: getattr(spec, attribute) for spec in apollo.REGISTRY.values()}
+
+
+def _with_optimizer_flags(after: str):
+    """Class decorator (under @dataclass): one field per optimizer flag the registered specs declare
+    (`optimizer_flags.declared_flags`), inserted after the field `after` (the optimizer section of --help).
+
+    Each field is `option(flag.default, <its help and which optimizers take it>, choices=, low=, ...)` typed
+    ``flag.kind`` (Optional where the default is None): the same field, flag, config.json key and domain check
+    as a hand-written one. A flag named like a hand-written field is a ValueError (one line).
+    """
+    def insert(cls):
+        written = cls.__dict__["__annotations__"]
+        annotations: dict[str, Any] = {}
+        for name, annotation in written.items():
+            annotations[name] = annotation
+            if name != after:
+                continue
+            for flag in optimizer_flags.declared_flags().values():
+                if flag.name in written:
+                    raise ValueError(f"optimizer flag --{flag.name} is also a hand-written TrainConfig field; rename one")
+                annotations[flag.name] = flag.kind if flag.default is not None else Optional[flag.kind]
+                setattr(cls, flag.name, option(flag.default, optimizer_flags.flag_help(flag), choices=flag.choices,
+                                               low=flag.low, high=flag.high, above=flag.above, below=flag.below))
+        cls.__annotations__ = annotations
+        return cls
+    return insert
+
+
 @dataclass
+@_with_optimizer_flags(after="grad_clipping")
 class TrainConfig:
-    """Every option of a training run. Field order is the order of `python -m train --help`."""
+    """Every option of a training run. Field order is the order of `python -m train --help`; the optimizer flags
+    the specs declare come after --grad_clipping."""
 
     # -- model and data --------------------------------------------------------------------------
     model_config: str = field(metadata={"help": "LLaMA config json, e.g. configs/llama_60m.json (required)"})
@@ -100,39 +142,17 @@ class TrainConfig:
     optimizer: str = option("adamw", f"one of apollo.optimizer_names(): {' | '.join(apollo.optimizer_names())} "
                                      f"(aliases {', '.join(apollo.ALIASES)})")
     weight_decay: float = option(0.0, "decoupled weight decay", low=0.0)
-    beta1: Optional[float] = option(None, "first-moment decay, passed to every optimizer (default: the optimizer's; 0.9, "
-                                          "SOAP 0.95)", low=0.0, below=1.0)
-    beta2: Optional[float] = option(None, "second-moment decay, passed to every optimizer (default: the optimizer's; 0.999, "
-                                          "SOAP 0.95)", low=0.0, below=1.0)
-    eps: Optional[float] = option(None, "epsilon of the second moment (default: the optimizer's; 1e-6 APOLLO/GaLore/Fira, "
-                                        "1e-8 AdamW and the others)", above=0.0)
+    beta1: Optional[float] = option(None, "first-moment decay, passed to every optimizer (default: the optimizer's; "
+                                          f"{_defaults_help({k: b[0] for k, b in _spec_defaults('default_betas').items()})})",
+                                    low=0.0, below=1.0)
+    beta2: Optional[float] = option(None, "second-moment decay, passed to every optimizer (default: the optimizer's; "
+                                          f"{_defaults_help({k: b[1] for k, b in _spec_defaults('default_betas').items()})})",
+                                    low=0.0, below=1.0)
+    eps: Optional[float] = option(None, "epsilon of the second moment (default: the optimizer's; "
+                                        f"{_defaults_help({k: e for k, e in _spec_defaults('default_eps').items() if e})})",
+                                  above=0.0)
     grad_clipping: float = option(0.0, "clip the global gradient norm to this value; 0 turns clipping off", low=0.0)
-    rank: Optional[int] = option(None, "projection rank of low-rank optimizers (default: the preset's; hidden/4, Mini 1)", low=1)
-    update_proj_gap: Optional[int] = option(None, "updates between projection refreshes, T (default 200)", low=1)
-    proj: Optional[str] = option(None, "APOLLO projection (default: the preset's)", choices=("random", "svd"))
-    proj_type: Optional[str] = option(None, "which side to project (default std)", choices=("std", "reverse_std", "left", "right"))
-    scale_type: Optional[str] = option(None, "APOLLO scaling granularity (default: the preset's)", choices=("channel", "tensor"))
-    apollo_scale: Optional[float] = option(None, "APOLLO scale c; the update is multiplied by sqrt(c) (default: the preset's, "
-                                                 "1 or Mini 128)", above=0.0)
-    galore_scale: Optional[float] = option(None, "GaLore update scale (default 0.25)", above=0.0)
-    scale_front: bool = option(False, "APOLLO: apply sqrt(scale) before the norm-growth limiter")
-    fira_alpha: Optional[float] = option(None, "Fira: scale alpha of the low-rank update and its residual (default 0.25; "
-                                               "0.0625 published at 1B/7B)", above=0.0)
-    fira_paper_form: bool = option(False, "Fira: the paper's residual phi (I - PP^T) G with alpha on both terms "
-                                          "(default: the published code's phi (G - alpha PR))")
-    adam_lr: Optional[float] = option(None, "peak lr of the AdamW part: SCALE's norms (default 0.02, published 60M-350M; "
-                                            "1e-3 at 1B/7B), Muon's embeddings/lm_head/norms (default --lr)", above=0.0)
-    scale_momentum: Optional[float] = option(None, "SCALE: momentum of the lm_head (default 0.9)", low=0.0, below=1.0)
-    scale_norm: Optional[str] = option(None, "SCALE: normalise rows/columns by their rms (default, the published code) or "
-                                             "by their L2 norm (the paper's text)", choices=("rms", "l2"))
-    muon_momentum: Optional[float] = option(None, "Muon: momentum (default 0.95)", low=0.0, below=1.0)
-    muon_no_nesterov: bool = option(False, "Muon: plain momentum instead of Nesterov's")
-    muon_adjust_lr: Optional[str] = option(None, "Muon: lr adjustment to the matrix shape (default original)",
-                                           choices=("original", "match_rms_adamw"))
-    soap_precondition_frequency: Optional[int] = option(None, "SOAP: updates between eigenbasis refreshes, f (default 10)", low=1)
-    soap_max_precond_dim: Optional[int] = option(None, "SOAP: a side longer than this is not rotated (default 10000)", low=1)
-    soap_shampoo_beta: Optional[float] = option(None, "SOAP: decay of the preconditioner statistics (default: beta2)",
-                                                above=0.0, below=1.0)
+    # here: the optimizer-specific flags (--rank, --apollo_scale, --fira_alpha, ...), generated from the specs' Flags
     state_dtype: Optional[str] = option(
         None, "optimizer-state dtype: float32, or param (follow the weights); default float32 where the optimizer can keep "
               "float32 states of bfloat16 weights, else param (torch's AdamW and Muon, bitsandbytes)",

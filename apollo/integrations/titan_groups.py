@@ -23,6 +23,7 @@ without torchtitan (tests/apollo/test_torchtitan_routing.py does that against `b
 """
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .. import adamw8bit, factory, fira, flora, galore8bit, muon, scale, soap
-from ..registry import REGISTRY, RegistryView, canonical_name
+from .. import factory
+from ..registry import REGISTRY, RegistryView, build_optimizer, canonical_name
+
 
 @dataclass(frozen=True)
 class FqnPatterns:
@@ -88,26 +90,9 @@ def build_from_groups(name: str, groups: Iterable[dict[str, Any]], **kwargs: Any
     return CONSTRUCTORS[key](built, **kwargs)
 
 
-def _low_rank_setup(key: str, options: dict[str, Any], hidden_size: int | None) -> tuple[dict, dict]:
-    """(constructor kwargs, low-rank group keys) as `factory.build_low_rank` / `fira.build` split them."""
-    if key == "fira":
-        constructor_keys, defaults, allowed = fira._OPTIMIZER_KEYS, fira.Fira.lowrank_defaults, fira.OPTIONS
-    elif key == galore8bit.NAME:
-        constructor_keys, defaults = galore8bit._OPTIMIZER_KEYS, galore8bit.GaLoreAdamW8bit.lowrank_defaults
-        allowed = galore8bit.OPTIONS
-    else:
-        constructor_keys, defaults = factory._OPTIMIZER_KEYS, factory.PRESETS[key]
-        allowed = factory.LOWRANK_OPTIONS["galore" if key == "galore" else "apollo"]
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"optimizer {key!r} does not take option(s) {', '.join(unknown)}")
-    constructor = {k: options.pop(k) for k in list(options) if k in constructor_keys}
-    low_rank = {**defaults, **options}
-    if low_rank.get("rank") is None:
-        if hidden_size is None:
-            raise ValueError(f"{key}: give rank, or hidden_size to take a quarter of (the presets' rank)")
-        low_rank["rank"] = max(1, hidden_size // 4)
-    return constructor, low_rank
+#: Group keys the constructors derive themselves (Flora numbers its parameters' seeds from the group order).
+_DERIVED_GROUP_KEYS = ("initial_seed",)
+_KINDS = ("embedding", "head", "matrices", "vectors")  # the order a probe parameter's kind is looked up in
 
 
 def _not(*patterns: str) -> str:
@@ -115,82 +100,80 @@ def _not(*patterns: str) -> str:
     return rf"^(?!.*?(?:{'|'.join(f'(?:{p})' for p in patterns)}))"
 
 
-def _check(key: str, options: dict[str, Any], allowed: Iterable[str]) -> None:
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"optimizer {key!r} does not take option(s) {', '.join(unknown)} here")
+def _any(*patterns: str) -> str:
+    return patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
+
+
+def _probe(hidden_size: int | None, rank: int | None) -> torch.nn.Module:
+    """A one-layer transformers LLaMA on the meta device (no memory) with every kind of `FqnPatterns` (untied head),
+    wide enough for `rank`. Without `hidden_size` its config has none, so a builder that would take a quarter of
+    it refuses (the default rank must come from the real model)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    width = hidden_size or max(64, 4 * (rank or 0))
+    config = LlamaConfig(vocab_size=2 * width, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    if hidden_size is None:
+        model.config = SimpleNamespace(**{k: v for k, v in config.to_dict().items() if k != "hidden_size"})
+    return model
 
 
 def group_plan(name: str, lr: float, weight_decay: float = 0.0, *, fqns: FqnPatterns = LLAMA3,
                hidden_size: int | None = None, **options: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``(configs, constructor_kwargs)`` reproducing `apollo.build_optimizer(name, model, lr, weight_decay, **options)`.
 
-    configs: dicts with ``pattern``, ``optimizer_name`` (the canonical name) and ``optimizer_kwargs``
-    (lr, weight_decay, the group's name and settings), in `build_optimizer`'s group order:
-    ``ParamGroupConfig(**config)`` each. constructor_kwargs: betas, eps, state_dtype, ... for
-    ``optimizers_container.optimizer_factory_kwargs_by_name[name]``. Options as in `build_optimizer`
-    (None = default); rank None means ``hidden_size // 4``. `fqns` stands in for the builders' module-type
-    rules (`LLAMA3` for torchtitan's Llama-3, `HF_LLAMA` for this harness's model), so ``target_modules``
-    is refused.
+    Derived from the optimizer's own builder (its spec's routing), for any registered name: the builder runs over
+    a probe model (`_probe`: a one-layer LLaMA on the meta device) and each of its param groups, in its order,
+    becomes one config: ``pattern`` the `fqns` patterns of the kinds of parameter it holds (embedding, head,
+    decoder matrices, vectors), ``optimizer_name`` the canonical name, ``optimizer_kwargs`` the group's settings
+    as the builder made them (lr and weight_decay included: SCALE's AdamW group has its adam_lr). The group with
+    the most kinds (the last of equals) is the catch-all, the other groups' patterns negated, so a parameter of
+    no known kind lands where the builder puts "the rest"; one group is ``.*``. constructor_kwargs: the options
+    that are no group key but a parameter of the spec's ``from_groups`` (APOLLO's ``fused``), for
+    ``optimizers_container.optimizer_factory_kwargs_by_name[name]``; ``ParamGroupConfig(**config)`` each.
 
-    Covered: adamw, adamw8bit, the low-rank family (apollo, apollo_mini, apollo_svd, galore, fira,
-    galore_adamw8bit), muon,
-    soap, flora (its groups in the model's parameter order: a parameter's position seeds its projection) and
-    scale (untied heads: a tied head is no parameter of its own, and its pattern would match
-    nothing). adam_mini's blocks follow q/k/v projections and head counts (torchtitan fuses wqkv): give
-    its ``ParamGroupConfig`` entries by hand (the container builds any registered name).
+    Options as in `build_optimizer` (None = default, checked by the builder); rank None means the builder's
+    default, a quarter of `hidden_size` (refused without it). `fqns` stands in for the builders' module-type
+    rules (`LLAMA3` for torchtitan's Llama-3, `HF_LLAMA` for this harness's model), so ``target_modules`` is
+    refused, and so is an optimizer whose groups split one kind (Adam-mini's blocks follow q/k/v projections and
+    head counts, and torchtitan fuses wqkv): give its ``ParamGroupConfig`` entries by hand (the container builds
+    any registered name). SCALE needs an untied head (a tied one is no parameter of its own).
     """
     key = canonical_name(name)
     options = {k: v for k, v in options.items() if v is not None}
-    base = {"lr": lr, "weight_decay": weight_decay}
-
-    def config(pattern: str, **group: Any) -> dict[str, Any]:
-        return {"pattern": pattern, "optimizer_name": key, "optimizer_kwargs": {**base, **group}}
-
-    if key == "adamw":
-        _check(key, options, ("betas", "eps"))
-        return [config(r".*")], options
-    if key == "adamw8bit":
-        _check(key, options, adamw8bit.OPTIONS)
-        if options.pop("state_dtype", None) not in (None, "float32", torch.float32):
-            raise ValueError("adamw8bit keeps uint8 codes with float32 scales: state_dtype must be None or float32")
-        return [config(r".*", name="all")], options
-    if key == "muon":
-        _check(key, options, muon.OPTIONS)
-        return [config(fqns.matrices, kind="muon", name="muon"),
-                config(_not(fqns.matrices), kind="adamw", name="adamw")], options
-    if key == "soap":
-        _check(key, options, soap.OPTIONS)
-        return [config(_not(fqns.vectors), name="rotated"), config(fqns.vectors, name="adam")], options
-    if key == "flora":
-        _check(key, options, flora.OPTIONS)
-        constructor = {**flora.DEFAULTS, **options}
-        if constructor["rank"] is None:
-            if hidden_size is None:
-                raise ValueError("flora: give rank, or hidden_size to take a quarter of")
-            constructor["rank"] = max(1, hidden_size // 4)
-        return [config(_not(fqns.vectors), name="matrices"), config(fqns.vectors, name="vectors")], constructor
-    if key == "scale":
-        _check(key, options, scale.OPTIONS)
-        settings = {**scale.DEFAULTS, **options}
-        norm, momentum = settings["norm"], settings["momentum"]
-        configs = [
-            config(fqns.embedding, name="embedding", norm=norm, rule="column_norm", norm_dim=0),
-            config(fqns.head, name="lm_head", norm=norm, rule="momentum_column_norm", norm_dim=1, momentum=momentum),
-            config(fqns.matrices, name="hidden", norm=norm, rule="column_norm", norm_dim=1),
-            config(_not(fqns.embedding, fqns.head, fqns.matrices), name="adamw", norm=norm, rule="adamw"),
-        ]
-        configs[3]["optimizer_kwargs"]["lr"] = settings["adam_lr"]
-        constructor = {"momentum": momentum, "norm": norm, "betas": tuple(settings["betas"]), "eps": settings["eps"],
-                       "state_dtype": settings["state_dtype"]}
-        return configs, constructor
-    if key not in factory.PRESETS and key not in ("fira", galore8bit.NAME):
-        raise ValueError(f"no FQN-pattern routing for {key!r} (its blocks follow module names and head counts); "
-                         f"write its ParamGroupConfig entries with optimizer_name {key!r} by hand")
     if "target_modules" in options:
         raise ValueError("target_modules is a module-name rule; give fqns (FqnPatterns) instead")
-    constructor, low_rank = _low_rank_setup(key, options, hidden_size)
-    return [config(_not(fqns.matrices), name="regular"), config(fqns.matrices, name="low_rank", **low_rank)], constructor
+    probe = _probe(hidden_size, options.get("rank"))
+    try:
+        optimizer = build_optimizer(key, probe, lr, weight_decay, **options)
+    except ValueError as error:
+        if "rank is required" in str(error):
+            raise ValueError(f"{key}: give rank, or hidden_size to take a quarter of (the default rank)") from None
+        raise
+    kind_of = {id(p): next(kind for kind in _KINDS if re.search(getattr(HF_LLAMA, kind), n))
+               for n, p in probe.named_parameters()}  # every probe parameter is of one kind
+    groups = [(group, [kind for kind in _KINDS if kind in {kind_of[id(p)] for p in group["params"]}])
+              for group in optimizer.param_groups]
+    held = [kind for _, kinds in groups for kind in kinds]
+    if len(held) != len(set(held)):
+        split = sorted({kind for kind in held if held.count(kind) > 1})
+        raise ValueError(f"no FQN-pattern routing for {key!r} (its groups split the {', '.join(split)} by module "
+                         f"names or shapes); write its ParamGroupConfig entries with optimizer_name {key!r} by hand")
+    patterns = [_any(*(getattr(fqns, kind) for kind in kinds)) for _, kinds in groups]
+    rest = max(reversed(range(len(groups))), key=lambda index: len(groups[index][1]))
+    patterns[rest] = _not(*(p for index, p in enumerate(patterns) if index != rest)) if len(groups) > 1 else r".*"
+    skipped = ("params", *_DROPPED_GROUP_KEYS, *_DERIVED_GROUP_KEYS)
+    configs = [{"pattern": pattern, "optimizer_name": key,
+                "optimizer_kwargs": {k: v for k, v in group.items() if k not in skipped}}
+               for pattern, (group, _) in zip(patterns, groups)]
+    group_keys = {k for group, _ in groups for k in group}
+    accepted = inspect.signature(REGISTRY[key].from_groups).parameters
+    constructor = {k: v for k, v in options.items() if k not in group_keys and k in accepted}
+    return configs, constructor
 
 
 def route(named_parameters: Iterable[tuple[str, torch.nn.Parameter]],

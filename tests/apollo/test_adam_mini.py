@@ -13,6 +13,8 @@ from apollo.adam_mini import OPTIONS, AdamMini, build, partition
 
 def _llama(dtype=torch.float32, *, hidden=64, heads=4, kv_heads=2, layers=2, vocab=128, inter=128, bias=False,
            seed=0, device=None):
+    # its own sizes, not conftest's: Adam-mini's blocks follow head counts, biases and GQA, and the partition
+    # tests below count the blocks of exactly these shapes
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,

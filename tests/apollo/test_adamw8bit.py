@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import apollo
 from apollo import adamw8bit
 from apollo.adamw8bit import OPTIONS, build, optimizer_class, state_bytes
+from tests.conftest import make_tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[bnb])")
 
@@ -109,14 +109,7 @@ def test_closed_form_first_step_2x3(min_8bit_size):
 
 # -------------------------------------------------------------------------------- state bytes
 def _tiny_llama(device=None, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    if device is None:
-        return LlamaForCausalLM(config)
-    with torch.device(device):
-        return LlamaForCausalLM(config)
+    return make_tiny_llama(seed, device=device)
 
 
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16), ("meta", torch.float32)])

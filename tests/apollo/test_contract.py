@@ -1,19 +1,24 @@
 """The contract every registered optimizer keeps, parametrised over `apollo.optimizer_names()` (torch's
 `optim_db` is the model): exact resume through ``torch.load(weights_only=True)``, layer-wise equals joint,
 bf16 weights with float32 states (or states that follow the weights, as the spec says) and a load that keeps
-their dtype, int8 weights or the spec's refusal, a meta-device step that creates the real state, torch.optim's
+their dtype, int8 weights or the spec's refusal, a meta-device step that creates the real state, the spec's
+state_bytes formula equal to that state, its default betas and eps equal to the optimizer's, torch.optim's
 closure / lr-scheduler / hook / add_param_group protocol, a loss that falls, and no crippling zero-gradient step.
 
 A new optimizer gets these tests by being registered; its own test file holds only its math. Settings come
 from its spec (`smoke_lr`, `smoke_options`: a refresh every 2 updates where the optimizer has one).
 """
 import io
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import apollo
+from apollo.__main__ import main as apollo_main
 from apollo.layerwise import LayerwiseOptimizer
+from tests.conftest import TINY_LLAMA
 
 NAMES = apollo.optimizer_names()
 STEPS = 4
@@ -129,6 +134,24 @@ def test_the_specs_default_betas_are_what_the_optimizer_uses(name, tiny_llama):
     betas = {tuple(group["betas"]) for group in optimizer.param_groups if "betas" in group}
     assert spec.takes_betas and betas, f"{name}: no betas in its groups"
     assert spec.default_betas in betas, f"{name}: spec says {spec.default_betas}, groups use {betas}"
+
+
+def _hyperparameters(optimizer):
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_specs_default_eps_is_what_the_optimizer_uses(name, tiny_llama):
+    """Passing the spec's default_eps (what --eps's help says) builds the very optimizer no eps builds; another eps
+    does not (so the comparison sees eps)."""
+    spec = apollo.get_spec(name)
+    assert spec.takes_eps, f"{name}: takes no eps"
+    assert spec.default_eps is not None, f"spec {name!r} declares no default_eps"
+    model = tiny_llama()
+    plain = _hyperparameters(apollo.build_optimizer(name, model, lr=1e-2))
+    assert _hyperparameters(apollo.build_optimizer(name, model, lr=1e-2, eps=spec.default_eps)) == plain, \
+        f"{name}: its spec says eps {spec.default_eps}, its groups use another"
+    assert _hyperparameters(apollo.build_optimizer(name, model, lr=1e-2, eps=spec.default_eps * 10)) != plain
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if "weight_quant" in apollo.get_spec(n).refuses])
@@ -259,6 +282,41 @@ def test_a_meta_device_step_creates_the_real_state(name, tiny_llama):
     assert apollo.optimizer_state_bytes(meta_optimizer) == apollo.optimizer_state_bytes(real_optimizer) > 0
     assert [(i, k, v.shape, v.dtype) for i, k, v in _state_tensors(meta_optimizer)] == \
            [(i, k, v.shape, v.dtype) for i, k, v in _state_tensors(real_optimizer)]
+
+
+@pytest.mark.parametrize("name, dtype, state_dtype", RESUME_CASES)
+def test_state_bytes_after_a_step_equal_the_specs_formula(name, dtype, state_dtype, tiny_llama):
+    """apollo.optimizer_state_bytes after one meta-device step (as train.memory counts) = the sum of the spec's
+    state_bytes(param, group), for float32 weights and bf16 weights with the spec's state dtype."""
+    spec = _spec(name)
+    assert spec.state_bytes is not None, f"spec {name!r} declares no state_bytes"
+    model = tiny_llama(dtype=getattr(torch, dtype), device="meta")
+    optimizer = _build(name, model, **({"state_dtype": state_dtype} if state_dtype else {}))
+    for param in model.parameters():
+        param.grad = torch.empty_like(param)
+    optimizer.step()
+    formula = {id(p): spec.state_bytes(p, group) for group in optimizer.param_groups for p in group["params"]}
+    held = {id(p): apollo.optimizer_state_bytes(SimpleNamespace(state={p: optimizer.state.get(p, {})}))
+            for p in model.parameters()}
+    wrong = [(n, held[id(p)], formula[id(p)]) for n, p in model.named_parameters() if held[id(p)] != formula[id(p)]]
+    assert not wrong, f"{name}: (parameter, held, formula) {wrong[:3]}"
+    assert apollo.optimizer_state_bytes(optimizer) == sum(formula.values()) > 0
+
+
+def test_python_m_apollo_lists_every_optimizers_formula_state(tmp_path, capsys, tiny_llama):
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_LLAMA))
+    assert apollo_main(["--model_config", str(tmp_path / "tiny.json")]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert list(rows) == list(NAMES)
+    adamw = sum(4 + 2 * 4 * p.numel() for p in tiny_llama().parameters())  # float32 step + two float32 moments
+    assert rows["adamw"][1:3] == [f"{adamw / 2**20:.2f}", "1.000"]
+
+
+def test_a_spec_without_a_state_formula_is_named(monkeypatch, tiny_llama):
+    spec = apollo.OptimizerSpec("no_formula", apollo.get_spec("adamw").build, frozenset(), "no state_bytes")
+    monkeypatch.setitem(apollo.REGISTRY, "no_formula", spec)
+    with pytest.raises(ValueError, match="^spec 'no_formula' declares no state_bytes$"):
+        apollo.registry.formula_state_bytes("no_formula", tiny_llama(device="meta"))
 
 
 # ---------------------------------------------------------------------------- torch.optim's protocol

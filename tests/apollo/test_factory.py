@@ -1,18 +1,14 @@
 """param_groups and build_optimizer: which weights are low-rank, names, aliases, presets, option checks."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import apollo
+from tests.conftest import make_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+    return make_tiny_llama()
 
 
 def test_param_groups_split_llama(tiny_llama):
@@ -33,7 +29,7 @@ def test_build_optimizer_presets(tiny_llama):
     opt = apollo.build_optimizer("apollo", tiny_llama, lr=0.01)
     low = opt.param_groups[1]
     assert isinstance(opt, apollo.APOLLO)
-    assert (low["rank"], low["scale_type"], low["scale"], low["proj"]) == (8, "channel", 1.0, "random")  # hidden 32 / 4
+    assert (low["rank"], low["scale_type"], low["scale"], low["proj"]) == (16, "channel", 1.0, "random")  # hidden 64 / 4
     mini = apollo.build_optimizer("apollo_mini", tiny_llama, lr=0.01).param_groups[1]
     assert (mini["rank"], mini["scale_type"], mini["scale"]) == (1, "tensor", 128.0)
     svd = apollo.build_optimizer("apollo_svd", tiny_llama, lr=0.01, rank=4).param_groups[1]

@@ -10,6 +10,7 @@ import apollo
 from apollo import fira
 from apollo.fira import Fira
 from tests.apollo.reference import ReferenceAdamW
+from tests.conftest import make_tiny_llama
 
 
 # ------------------------------------------------------------------ the reference, written from PEERS.md "Fira"
@@ -339,14 +340,8 @@ def test_bad_group_settings_are_refused(key, value, message):
         Fira([{"params": [torch.nn.Parameter(torch.zeros(8, 12))], "rank": 2, "name": "low_rank", key: value}])
 
 
-def _tiny_llama(seed=0, hidden=64, vocab=128):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+def _tiny_llama(seed=0):
+    return make_tiny_llama(seed)
 
 
 def test_build_routes_attention_and_mlp_weights_and_takes_the_defaults():
@@ -379,13 +374,13 @@ def test_int8_weights_step_like_the_float_ones_within_the_quantisation_step():
     quantisation step of the float one (groups holding both signs, as quant.py's round-to-nearest promises)."""
     from apollo.quant import QuantLinear, quantize_model
 
-    float_model = _tiny_llama(hidden=32, vocab=96)
-    quant_model = quantize_model(_tiny_llama(hidden=32, vocab=96), group_size=32)
+    float_model = _tiny_llama()
+    quant_model = quantize_model(_tiny_llama(), group_size=32)
     with torch.no_grad():
         for module, layer in zip(float_model.modules(), quant_model.modules()):
             if isinstance(layer, QuantLinear):
                 module.weight.copy_(layer.dequantized_weight())
-    batch = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    batch = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
     optimizers = [fira.build(m, lr=0.01, rank=4) for m in (float_model, quant_model)]
     before = [m.weight.detach().clone() for m in float_model.modules() if isinstance(m, torch.nn.Linear)][:-1]
     q_before = [layer.weight.clone() for layer in quant_model.modules() if isinstance(layer, QuantLinear)]

@@ -9,6 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 import apollo
 from apollo import hf, routing
 
+# one size dict for the LLaMA here and the other families' configs (Qwen2, Mistral, Gemma, Phi-3 take these
+# keys), with the special token ids (0, 1, 2) the Trainer tests' batches leave out
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=64, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

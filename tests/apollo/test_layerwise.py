@@ -3,21 +3,17 @@ import io
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import apollo
 from apollo.layerwise import LayerwiseOptimizer, check_layerwise
 from apollo.quant import quantize_model, quantized_weights
+from tests.conftest import make_tiny_llama
 
 STEPS = 3
 
 
 def _model(quantized=False, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    model = make_tiny_llama(seed)
     return quantize_model(model, group_size=32, stochastic_round=True) if quantized else model
 
 

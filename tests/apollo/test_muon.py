@@ -6,21 +6,18 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import apollo
 from apollo import muon as M
+from tests.conftest import make_tiny_llama
 
 A, B, C = 3.4445, -4.775, 2.0315  # torch's Newton-Schulz coefficients (PEERS.md)
 HIDDEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def tiny_llama(tie=False, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie)
-    return LlamaForCausalLM(config).to(dtype)
+    # grouped-query attention: the k/v projections are Muon matrices of another shape than q/o
+    return make_tiny_llama(seed, dtype, num_key_value_heads=2, tie_word_embeddings=tie)
 
 
 def random_grads(model, steps, seed=1):

@@ -8,7 +8,7 @@ import torch
 
 import apollo
 from apollo import muon as M
-from tests.conftest import run_on_ranks
+from tests.conftest import make_tiny_llama, run_on_ranks
 
 WORLD = 2
 MUON_SHAPES = [(24, 10), (10, 24), (15, 8), (16, 16)]  # tall, wide, uneven rows (15 = 8 + 7), square
@@ -50,13 +50,7 @@ def _tensor_case(mesh, options, steps=4):
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+    return make_tiny_llama(num_key_value_heads=2)  # GQA: k/v projections of their own shape
 
 
 def _fsdp_case(mesh, directory):

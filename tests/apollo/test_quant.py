@@ -11,17 +11,11 @@ import torch.nn.functional as F
 import apollo
 from apollo.quant import (QuantLinear, all_reduce_quantized_grads, clip_grad_norm_, dequantize, quantize,
                           quantize_model, quantized_weights)
+from tests.conftest import make_tiny_llama
 
 
 def _tiny_llama(seed=0, dtype=torch.float32):
-    # imported here: the spawned DDP workers below import this module, and transformers is slow to import
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config).to(dtype)
+    return make_tiny_llama(seed, dtype)  # imports transformers when called (the spawned DDP workers import this module)
 
 
 def test_hand_computed_groups():
@@ -116,7 +110,7 @@ def test_quantize_model_swaps_attention_and_mlp_and_feeds_the_low_rank_group():
 
 
 def test_quantize_model_refuses_bad_settings():
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.weight \(32, 32\) has 1024 elements, "
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.weight \(64, 64\) has 4096 elements, "
                                          r"not divisible by group_size 48"):
         quantize_model(_tiny_llama(), group_size=48)
     with pytest.raises(ValueError, match="only 8-bit weights are supported"):

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import apollo
 from apollo.scale import OPTIONS, SCALE, build
+from tests.conftest import make_tiny_llama
 
 HIDDEN_SHAPES = [(12, 5), (5, 12), (7, 7)]  # tall, wide, square Linear weights (out x in)
 EMBED_SHAPE, HEAD_SHAPE, NORM_SHAPES = (20, 6), (20, 6), [(6,), (5,)]
@@ -190,16 +190,7 @@ def test_adamw_part_closed_form_and_torch_adamw_without_eps():
 
 
 def _llama(tie=False, layers=2, device=None, dtype=None):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=tie)
-    if device is not None:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    else:
-        model = LlamaForCausalLM(config)
-    return model.to(dtype) if dtype is not None else model
+    return make_tiny_llama(0, dtype, device, num_hidden_layers=layers, tie_word_embeddings=tie)
 
 
 def _groups_by_name(opt):

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import apollo
 from apollo.soap import OPTIONS, SOAP, build
+from tests.conftest import make_tiny_llama
 
 # (shape, max_precond_dim): both sides rotated, right side too long, left side too long, neither, 1-D
 CASES = [((5, 5), 5), ((4, 7), 5), ((6, 4), 5), ((7, 6), 5), ((6, 4), 10000), ((3,), 5)]
@@ -213,14 +213,7 @@ def test_state_bytes_formula(dtype, state_dtype, size):
 
 
 def _tiny_llama(device=None, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    if device is None:
-        return LlamaForCausalLM(config)
-    with torch.device(device):
-        return LlamaForCausalLM(config)
+    return make_tiny_llama(seed, device=device)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -344,10 +337,8 @@ def test_eigenbasis_of_rank_deficient_statistics_is_an_eigenbasis():
 
 def test_first_step_survives_the_issue_reproduction():
     """A LLaMA with a 256-token vocabulary: its embedding's L is 256 x 256 and rank-deficient."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
-                                         max_position_embeddings=64))
+    model = make_tiny_llama()  # TINY_LLAMA's vocabulary is the issue's 256
+    assert model.config.vocab_size == 256
     optimizer = apollo.build_optimizer("soap", model, lr=1e-2, precondition_frequency=2)
     for _ in range(5):
         ids = torch.randint(0, 256, (4, 32))

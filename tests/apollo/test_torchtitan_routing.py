@@ -9,10 +9,10 @@ import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import apollo
 from apollo.integrations import titan_groups
+from tests.conftest import make_tiny_llama
 
 # torchtitan 0.3's Llama-3 debug model, layer 0 and the rest (printed from model_registry("debugmodel")).
 LLAMA3_NAMES = ["tok_embeddings.weight", "layers.0.attention.qkv_linear.wqkv.weight", "layers.0.attention.wo.weight",
@@ -22,11 +22,7 @@ LLAMA3_NAMES = ["tok_embeddings.weight", "layers.0.attention.qkv_linear.wqkv.wei
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+    return make_tiny_llama()  # untied head: SCALE's lm_head group
 
 
 def planned_names():
@@ -151,3 +147,22 @@ def test_init_step_creates_all_state_and_moves_nothing(tiny_llama, name):
             p.grad = torch.randn(p.shape, generator=generator)
         optimizer.step()
     assert {n: sorted(optimizer.state[p]) for n, p in model.named_parameters()} == after_init
+
+
+def test_a_registered_optimizer_gets_its_plan_from_its_builder(monkeypatch, tiny_llama):
+    """No table to edit: group_plan reads the groups a new spec's builder makes (here: SGD on the decoder
+    matrices with momentum, plain SGD on the rest) and turns each into the FQN patterns of its kinds."""
+    def build(model, lr, weight_decay=0.0, **options):
+        matrices = [p for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2]
+        rest = [p for p in model.parameters() if all(p is not q for q in matrices)]
+        return torch.optim.SGD([{"params": matrices, "momentum": options.get("momentum", 0.9), "name": "matrices"},
+                                {"params": rest, "name": "rest"}], lr=lr, weight_decay=weight_decay)
+
+    spec = apollo.OptimizerSpec("toy_sgd", build, frozenset({"momentum"}), "a toy", from_groups=torch.optim.SGD)
+    monkeypatch.setitem(apollo.REGISTRY, "toy_sgd", spec)
+    configs, constructor = titan_groups.group_plan("toy_sgd", 0.5, 0.1, momentum=0.8)
+    assert [c["pattern"] for c in configs] == [titan_groups.LLAMA3.matrices, titan_groups._not(titan_groups.LLAMA3.matrices)]
+    assert configs[0]["optimizer_kwargs"]["momentum"] == 0.8 and configs[1]["optimizer_kwargs"]["momentum"] == 0
+    assert constructor == {}
+    groups = titan_groups.route([(n, torch.nn.Parameter(torch.zeros(1))) for n in LLAMA3_NAMES], configs)["toy_sgd"]
+    assert [g["param_names"] for g in groups] == [LLAMA3_NAMES[1:6], [LLAMA3_NAMES[0]] + LLAMA3_NAMES[6:]]

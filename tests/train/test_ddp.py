@@ -43,8 +43,9 @@ def test_ddp_resume_is_bit_exact(ddp_run):
 
 from transformers import LlamaConfig  # noqa: E402
 
-TINY = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+from tests.conftest import TINY_LLAMA  # noqa: E402
+
+TINY = LlamaConfig(**{**TINY_LLAMA, "num_key_value_heads": 2})  # GQA: k/v projections of their own shape (bucket views)
 
 
 def _compare_worker(rank, world, init_file, dtypes, updates, results):

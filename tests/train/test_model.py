@@ -28,6 +28,7 @@ PROTOCOL_TABLE = {
 
 
 def tiny_config(**overrides) -> LlamaConfig:
+    # train.model's own config (pad id, no cache), sized for the closed-form parameter counts asserted below
     settings = dict(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=64, pad_token_id=0, use_cache=False,
