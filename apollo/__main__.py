@@ -51,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     adamw = dict((name, size) for name, size, _ in table).get("adamw")
     print(f"{args.model_config}, {args.dtype} weights: optimizer state by each spec's state_bytes formula "
           "(float32 states where the optimizer can keep them, else the weights' dtype)")
-    print(f"{'optimizer':<13} {'state MB':>10} {'/ AdamW':>8}  summary")
+    width = max(len("optimizer"), *(len(name) for name, _, _ in table))
+    print(f"{'optimizer':<{width}} {'state MB':>10} {'/ AdamW':>8}  summary")
     for name, size, summary in table:
         shown = f"{size / 2**20:10.2f}" if size is not None else f"{'n/a':>10}"
         ratio = f"{size / adamw:8.3f}" if size is not None and adamw else f"{'':>8}"
-        print(f"{name:<13} {shown} {ratio}  {summary}")
+        print(f"{name:<{width}} {shown} {ratio}  {summary}")
     return 0
 
 

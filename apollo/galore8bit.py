@@ -57,7 +57,9 @@ from torch import nn
 
 from . import quant, sharded
 from .optimizer import GaLore
-from .projection import project, project_back, projected_shape, projection_shape, projection_side
+from .factory import GALORE_SCALE
+from .projection import (PROJ_TYPE, RANK, UPDATE_PROJ_GAP, project, project_back, projected_shape,
+                         projection_shape, projection_side)
 from .routing import DEFAULT_TARGETS
 from .scratch import adamw8bit as _kernel_scratch, fused_low_rank
 from .spec import OptimizerSpec
@@ -143,6 +145,12 @@ def state_bytes(shape: tuple[int, ...], rank: int | None = None, *, proj_type: s
     if numel < min_8bit_size:
         return proj + 8 * numel + 8
     return proj + 2 * numel + 2 * 4 * -(-numel // BLOCK_SIZE) + 8
+
+
+def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
+    """The spec's formula: `state_bytes` of `param` in its group (P in the weight's dtype)."""
+    return state_bytes(tuple(param.shape), group.get("rank"), proj_type=group.get("proj_type", "std"),
+                       weight_bytes=param.element_size(), min_8bit_size=group["min_8bit_size"])
 
 
 # ------------------------------------------------------------------------------------- the optimizer
@@ -298,7 +306,7 @@ SPEC = OptimizerSpec(
     "8-bit GaLore: GaLore's SVD projection, bitsandbytes' 8-bit block-wise Adam in the subspace "
     "(optional dependency: pip install -e .[bnb])",
     aliases=("galore8bit",),
-    flags={"rank": "rank", "update_proj_gap": "update_proj_gap", "proj_type": "proj_type", "galore_scale": "scale"},
+    cli_flags=(RANK, UPDATE_PROJ_GAP, PROJ_TYPE, GALORE_SCALE), default_eps=1e-8, state_bytes=param_state_bytes,
     states_follow_weights=True,  # bitsandbytes' uint8 codes (float32 below min_8bit_size); P in the weights' dtype
     from_groups=GaLoreAdamW8bit, scratch_bytes=scratch_bytes,
     refuses={"weight_quant": "8-bit GaLore has no int8 weight path (bitsandbytes quantises states, not weights)",

@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                      allow_abbrev=False)
     hints = typing.get_type_hints(TrainConfig)
     for spec in dataclasses.fields(TrainConfig):
-        meta, flag = spec.metadata, f"--{spec.name}"
+        meta, flag = dict(spec.metadata), f"--{spec.name}"
+        meta["help"] = meta["help"].replace("%", "%%")  # argparse formats help with %: "99.9%" must reach it as "99.9%%"
         kind = hints[spec.name]
         kind = next(a for a in typing.get_args(kind) if a is not type(None)) if typing.get_origin(kind) is typing.Union else kind
         if kind is bool:

@@ -246,3 +246,15 @@ def test_cli_refuses_a_flag_the_optimizer_does_not_take(cli_args, capsys, monkey
 def test_fsdp_needs_several_processes():
     with pytest.raises(ConfigError, match="--fsdp shards over processes: launch with torchrun"):
         resolved(["--batch_size", "2", "--warmup_steps", "0", "--fsdp"], world_size=1)
+
+
+def test_help_formats_every_flag_with_its_help_text():
+    """argparse %-formats help strings: a help text with a bare '%' (e.g. "99.9%") made --help crash."""
+    import dataclasses
+    from train.config import TrainConfig, build_parser
+    text = " ".join(build_parser().format_help().split())
+    fields = dataclasses.fields(TrainConfig)
+    assert len(fields) > 70
+    for spec in fields:
+        assert f"--{spec.name}" in text
+    assert "99.9% of the factors' Adam moments" in text
