@@ -170,4 +170,5 @@ SPEC = OptimizerSpec(
     refuses={"weight_quant": "8-bit AdamW quantises states, not weights; it cannot update int8 weights",
              "fsdp": "bitsandbytes' 8-bit states do not shard as DTensors"},
     smoke_lr=3e-3, smoke_flags={"lr": 0.003},
+    requires=("bitsandbytes",),
 )

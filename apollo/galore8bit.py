@@ -312,4 +312,5 @@ SPEC = OptimizerSpec(
     refuses={"weight_quant": "8-bit GaLore has no int8 weight path (bitsandbytes quantises states, not weights)",
              "fsdp": "bitsandbytes' 8-bit states do not shard as DTensors"},
     smoke_lr=1e-2, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2},
+    requires=("bitsandbytes",),
 )

@@ -8,6 +8,7 @@ the one-line reason), so that none of those tables names an optimizer. torch's `
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -84,6 +85,8 @@ class OptimizerSpec:
     scratch_bytes: its memory model, ``scratch_bytes(param, group, *, name, p, device)`` -> bytes of the
     temporaries one parameter's update allocates (apollo/scratch.py has the derivations); train.memory refuses
     an optimizer without one.
+    requires: the import names of optional packages it needs (``("bitsandbytes",)``); `available` says whether they
+    are installed, so that checks over the registry skip it where they are not.
     smoke_lr, smoke_options: an lr and options that train a tiny LLaMA in a few updates and reach the
     optimizer's periodic work (a projection or basis refresh every 2 updates): what the contract tests
     (tests/apollo/test_contract.py) and the CLI smoke runs use. smoke_flags: the training CLI flags of the
@@ -109,6 +112,7 @@ class OptimizerSpec:
     smoke_lr: float = 1e-2
     smoke_options: Mapping[str, Any] = field(default_factory=dict)
     smoke_flags: Mapping[str, Any] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", frozenset(self.options))
@@ -133,6 +137,11 @@ class OptimizerSpec:
             raise ValueError(f"OptimizerSpec {self.name!r}: negated flags must be among its flags")
         if not set(self.flag_help) <= set(self.flags):
             raise ValueError(f"OptimizerSpec {self.name!r}: flag_help notes flags it does not take")
+
+    @property
+    def available(self) -> bool:
+        """Whether every package of `requires` can be imported here."""
+        return all(importlib.util.find_spec(module) is not None for module in self.requires)
 
     @property
     def takes_eps(self) -> bool:

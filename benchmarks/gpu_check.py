@@ -62,17 +62,11 @@ CORRECTNESS_CONFIG = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 
                       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
                       "tie_word_embeddings": False}
 TOY = "toy"  # --tiny's model: CORRECTNESS_CONFIG, a few thousand parameters
-LOW_RANK_OPTIONS = {"apollo": {"rank": 8}, "apollo_svd": {"rank": 8}, "galore": {"rank": 8}, "fira": {"rank": 8}}
 
 
 def available_optimizers() -> list[str]:
-    """Every registered optimizer that can be built here (adamw8bit needs bitsandbytes)."""
-    names = list(apollo.optimizer_names())
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        names.remove("adamw8bit")
-    return names
+    """Every registered optimizer whose optional packages (its spec's `requires`, e.g. bitsandbytes) are installed."""
+    return [name for name in apollo.optimizer_names() if apollo.get_spec(name).available]
 
 
 def model_config(size: str):
@@ -113,11 +107,17 @@ def _correctness_model(device, dtype):
     return LlamaForCausalLM(LlamaConfig(**CORRECTNESS_CONFIG)).to(device=device, dtype=dtype)
 
 
+def _small_rank(name: str) -> dict:
+    """The spec's smoke rank (the toy model's default rank would be a quarter of 64), without its short refresh gap:
+    a projection redrawn on the device would differ from the CPU's draw."""
+    return {k: v for k, v in apollo.get_spec(name).smoke_options.items() if k == "rank"}
+
+
 def _three_steps(name: str, device, dtype, **options) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Initial and final weights (float32, on the CPU) after 3 steps on seeded gradients."""
     model = _correctness_model(device, dtype)
     start = [p.detach().float().cpu().clone() for p in model.parameters()]
-    optimizer = apollo.build_optimizer(name, model, lr=1e-3, weight_decay=0.01, **LOW_RANK_OPTIONS.get(name, {}), **options)
+    optimizer = apollo.build_optimizer(name, model, lr=1e-3, weight_decay=0.01, **_small_rank(name), **options)
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
         for p in model.parameters():
@@ -201,7 +201,7 @@ def throughput(device: torch.device, names: list[str], sizes: dict[str, int], se
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             model = build_model(config, dtype=dtype, device=device)
-            state_dtype = None if name in ("adamw", "muon", "adamw8bit") else "float32"
+            state_dtype = None if apollo.get_spec(name).states_follow_weights else "float32"
             options = {} if state_dtype is None else {"state_dtype": state_dtype}
             optimizer = apollo.build_optimizer(name, model, lr=1e-4, **options)
             batch = torch.randint(0, model.config.vocab_size, (micro, seq), device=device)
