@@ -123,7 +123,7 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
                                       "a --relora run")
             relora.load_state_dict(trainer_state["relora"])
         loader.load_state_dict(rank_state["data"])
-        saved_rng = rank_state["rng"]  # restored after iter(loader) below, which draws a seed from torch's RNG
+        saved_rng = rank_state["rng"]  # restored once the loader has started (below): it draws from torch's RNG
         logger.info(f"resumed from {checkpoint} at update {state['step']}")
     start_step = state["step"]
     logger.bar.update(start_step)
@@ -186,7 +186,8 @@ def train(config: TrainConfig, ctx: Distributed, tokenizer: Any) -> int:
     # update 1, so a resumed run restores the saved RNG only after it: dropout (--adapter) then draws the same masks
     batches = iter(loader)
     if saved_rng is not None:
-        batches = itertools.chain([next(batches)], batches)
+        if start_step < config.num_training_steps:  # a finished run reads no batch
+            batches = itertools.chain([next(batches)], batches)
         restore_rng(saved_rng)
     stop = StopSignal()
     step, accum = start_step, config.gradient_accumulation
