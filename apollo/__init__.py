@@ -8,7 +8,7 @@ int8 weights: `apollo.quantize_model(model)` before building the optimizer; per-
 during backward: `apollo.LayerwiseOptimizer(model, "apollo_mini", lr=0.01)`.
 """
 from .factory import PRESETS, optimizer_state_bytes, param_groups
-from .registry import (ALIASES, REGISTRY, OptimizerEntry, build_optimizer, canonical_name, get_spec,
+from .registry import (ALIASES, BASELINE, REGISTRY, OptimizerEntry, build_optimizer, canonical_name, get_spec,
                        optimizer_names, register)
 from .spec import OptimizerSpec
 from .layerwise import LayerwiseOptimizer, check_layerwise
@@ -21,6 +21,7 @@ __all__ = [
     "LayerwiseOptimizer",
     "QuantLinear",
     "ALIASES",
+    "BASELINE",
     "OptimizerEntry",
     "OptimizerSpec",
     "REGISTRY",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import scratch
-from .spec import OptimizerSpec
+from .spec import ADAM_MINI_PAPER_67M, OptimizerSpec
 from . import quant, sharded
 from .base import BaseOptimizer, check_hyperparameters
 from .routing import check_coverage, trainable
@@ -331,4 +331,5 @@ def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
 
 SPEC = OptimizerSpec("adam_mini", build, OPTIONS, "Adam-mini: one second moment per block (head, row, token, tensor)",
                      default_eps=1e-8, from_groups=AdamMini, state_bytes=param_state_bytes,
-                     scratch_bytes=scratch.adam_mini, smoke_lr=3e-3, smoke_flags={"lr": 0.003})
+                     scratch_bytes=scratch.adam_mini, smoke_lr=3e-3, smoke_flags={"lr": 0.003},
+                     published={ADAM_MINI_PAPER_67M: 29.01})

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import scratch
-from .spec import OptimizerSpec
+from .spec import APOLLO_PAPER_60M, SCALE_RUNS_60M, OptimizerSpec
 from . import functional as F
 from .routing import DEFAULT_TARGETS
 from . import sharded
@@ -261,4 +261,5 @@ SPEC = OptimizerSpec(
     aliases=("fira_adamw",), from_groups=Fira, state_bytes=low_rank_state_bytes, scratch_bytes=scratch.fira,
     cli_flags=(RANK, UPDATE_PROJ_GAP, PROJ_TYPE, FIRA_ALPHA, FIRA_PAPER_FORM), default_eps=1e-6,
     smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2, "fira_alpha": 0.25},
+    published={APOLLO_PAPER_60M: 31.06, SCALE_RUNS_60M: 30.34},
 )

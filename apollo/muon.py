@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import scratch
-from .spec import Flag, OptimizerSpec
+from .spec import SCALE_RUNS_60M, Flag, OptimizerSpec
 from .factory import torch_adamw_state_bytes
 from .scale import ADAM_LR
 from . import quant, sharded
@@ -372,4 +372,5 @@ SPEC = OptimizerSpec(
     states_follow_weights=True,  # torch's Muon and AdamW keep their states in the weights' dtype
     refuses={"weight_quant": "Newton-Schulz on re-quantised int8 weights is not a published method"},
     smoke_lr=0.02, smoke_options={"adam_lr": 3e-3}, smoke_flags={"lr": 0.02, "adam_lr": 0.003},
+    published={SCALE_RUNS_60M: 28.86},
 )

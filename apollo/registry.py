@@ -21,6 +21,9 @@ from .spec import OptimizerSpec
 SPECS: tuple[OptimizerSpec, ...] = (*factory.SPECS, fira.SPEC, scale.SPEC, muon.SPEC, adam_mini.SPEC, soap.SPEC,
                                     adamw8bit.SPEC, flora.SPEC, galore8bit.SPEC)
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in SPECS}
+#: The AdamW baseline: the optimizer every comparison (study speedups, the memory planner's first row) is measured
+#: against, and the trainer's default. A stated choice of the harness, not a fact about an optimizer.
+BASELINE = "adamw"
 ALIASES: dict[str, str] = {alias: spec.name for spec in SPECS for alias in spec.aliases}
 
 

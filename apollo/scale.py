@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import scratch
-from .spec import Flag, OptimizerSpec
+from .spec import SCALE_RUNS_60M, Flag, OptimizerSpec
 from . import quant, sharded
 from .base import BaseOptimizer, check_hyperparameters
 from .routing import check_coverage, trainable
@@ -330,4 +330,5 @@ SPEC = OptimizerSpec(
     cli_flags=(ADAM_LR, SCALE_MOMENTUM, SCALE_NORM), default_eps=1e-8,
     flag_help={"adam_lr": "the norms, default 0.02 (published 60M-350M; 1e-3 at 1B/7B)"},
     smoke_options={"adam_lr": 1e-2}, smoke_flags={"lr": 0.003, "adam_lr": 0.01},
+    published={SCALE_RUNS_60M: 30.81},
 )

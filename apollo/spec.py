@@ -19,6 +19,12 @@ import torch
 MODES = ("weight_quant", "layerwise", "fsdp")
 STANDARD_BETAS = (0.9, 0.999)
 
+#: The sources of published results a spec's ``published`` cites: one label per paper/repository and setting
+#: (../shared/reference PROTOCOL.md, PEERS.md), written once here so that the specs citing a source agree on it.
+APOLLO_PAPER_60M = "APOLLO paper, LLaMA-60M, 10K updates of 512 x 256 tokens (PROTOCOL.md)"
+SCALE_RUNS_60M = "SCALE repository's runs, LLaMA-60M, 11K updates (PEERS.md)"
+ADAM_MINI_PAPER_67M = "Adam-mini paper, 67M, torchtitan Chinchilla tokens (PEERS.md)"
+
 
 def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
     return MappingProxyType(dict(mapping or {}))
@@ -91,6 +97,8 @@ class OptimizerSpec:
     optimizer's periodic work (a projection or basis refresh every 2 updates): what the contract tests
     (tests/apollo/test_contract.py) and the CLI smoke runs use. smoke_flags: the training CLI flags of the
     same settings (a flag name -> value), for the 4-update runs of tests/train/test_peers.py.
+    published: source label (the constants above, e.g. `APOLLO_PAPER_60M`) -> the validation perplexity that
+    source reports for this optimizer; the study report (train/study/report.py) lists them, per source, for reference.
     """
 
     name: str
@@ -113,6 +121,7 @@ class OptimizerSpec:
     smoke_options: Mapping[str, Any] = field(default_factory=dict)
     smoke_flags: Mapping[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
+    published: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", frozenset(self.options))
@@ -124,6 +133,7 @@ class OptimizerSpec:
         object.__setattr__(self, "refuses", _frozen(self.refuses))
         object.__setattr__(self, "smoke_options", _frozen(self.smoke_options))
         object.__setattr__(self, "smoke_flags", _frozen(self.smoke_flags))
+        object.__setattr__(self, "published", _frozen(self.published))
         unknown_modes = sorted(set(self.refuses) - set(MODES))
         if unknown_modes:
             raise ValueError(f"OptimizerSpec {self.name!r}: unknown mode(s) {unknown_modes}; modes are {MODES}")
@@ -135,6 +145,9 @@ class OptimizerSpec:
             raise ValueError(f"OptimizerSpec {self.name!r}: smoke_options {unknown_smoke} are not among its options")
         if not set(self.negated_flags) <= set(self.flags):
             raise ValueError(f"OptimizerSpec {self.name!r}: negated flags must be among its flags")
+        bad_published = sorted(source for source, ppl in self.published.items() if not ppl > 1.0)
+        if bad_published:
+            raise ValueError(f"OptimizerSpec {self.name!r}: published perplexities must be > 1, not at {bad_published}")
         if not set(self.flag_help) <= set(self.flags):
             raise ValueError(f"OptimizerSpec {self.name!r}: flag_help notes flags it does not take")
 

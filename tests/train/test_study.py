@@ -2,6 +2,7 @@
 array), `from` stages and lr-edge extensions chosen from run folders, the power-law fit on synthetic data,
 the speedup table, and a real 2-optimizer x 2-lr x 2-budget study of a tiny model (finishes, is skipped when
 re-run, and its report's best rows match the run folders)."""
+import dataclasses
 import importlib
 import json
 import math
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 import apollo
+from apollo.spec import APOLLO_PAPER_60M
 from train.optimizer_flags import FLAG_OPTIONS
 
 from tests.train.test_cli import REPO_ROOT as REPO, write_tiny_config
@@ -355,6 +357,34 @@ seeds = [1]"""))
     for png in ("speedup_llama_tiny.png", "sensitivity.png", "curves_llama_tiny_2.56K.png"):
         with Image.open(spec.out / png) as image:
             image.verify()
+    # the published perplexities (from the specs' `published`, train.study.report.reported): the lines as they
+    # were when train/study/report.py held them in a dict, each followed by the same optimizers measured here
+    measured = (f"  - the same optimizers at llama_tiny 2.56K (measured): apollo_mini {ppl:.2f} < "
+                f"adamw {math.exp(law(2560)):.2f}")
+    reported = report.split("## Published numbers for reference (reported, not run here)\n\n")[1].split("\n\n")[0]
+    assert reported.splitlines() == [
+        "- APOLLO paper, LLaMA-60M, 10K updates of 512 x 256 tokens (PROTOCOL.md), validation perplexity (reported): "
+        "fira 31.06 < apollo_svd 31.26 < apollo 31.55 < apollo_mini 31.93 < adamw 34.06 < galore 34.88", measured,
+        "- SCALE repository's runs, LLaMA-60M, 11K updates (PEERS.md), validation perplexity (reported): "
+        "muon 28.86 < adamw 30.05 < fira 30.34 < scale 30.81 < apollo 30.94 < apollo_mini 31.85 < galore 34.58",
+        measured,
+        "- Adam-mini paper, 67M, torchtitan Chinchilla tokens (PEERS.md), validation perplexity (reported): "
+        "adam_mini 29.01 < adamw 29.32"]
+
+
+def test_reported_numbers_are_gathered_from_the_specs(monkeypatch):
+    """A spec registered with `published` perplexities is in the report's reference lines: in an existing
+    source's ordering and as a new source of its own; a perplexity <= 1 is refused when the spec is made."""
+    mine = dataclasses.replace(apollo.get_spec(apollo.BASELINE), name="mine", aliases=(),
+                               published={APOLLO_PAPER_60M: 31.5, "A new paper, 1B": 20.25})
+    monkeypatch.setitem(apollo.REGISTRY, "mine", mine)
+    lines = study_report.reported_section({})
+    assert lines[2] == (f"- {APOLLO_PAPER_60M}, validation perplexity (reported): fira 31.06 < apollo_svd 31.26 < "
+                        "mine 31.50 < apollo 31.55 < apollo_mini 31.93 < adamw 34.06 < galore 34.88")
+    assert lines[-2] == "- A new paper, 1B, validation perplexity (reported): mine 20.25"
+    assert study_report.REPORTED["A new paper, 1B"] == {"mine": 20.25}
+    with pytest.raises(ValueError, match=r"'bad': published perplexities must be > 1, not at \['p'\]"):
+        dataclasses.replace(mine, name="bad", published={"p": 0.5})
 
 
 def test_estimated_time_is_tokens_evaluations_and_start_up(tmp_path):

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.memory", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_config", required=True, help="LLaMA config json, e.g. configs/llama_7b.json")
-    parser.add_argument("--optimizer", default="adamw", help=" | ".join(apollo.optimizer_names()))
+    parser.add_argument("--optimizer", default=apollo.BASELINE, help=" | ".join(apollo.optimizer_names()))
     parser.add_argument("--rank", type=int, default=None,
                         help="projection rank (default: the preset's, hidden/4; with --max_batch: every low-rank "
                              "optimizer but APOLLO-Mini, which keeps rank 1)")

@@ -102,7 +102,7 @@ class _Static:
     adapter_dropout: bool = False
 
 
-def prepare(config, *, optimizer: str = "adamw", rank: int | None = None, weight_quant: bool = False,
+def prepare(config, *, optimizer: str = apollo.BASELINE, rank: int | None = None, weight_quant: bool = False,
             weight_group_size: int = 128, weight_bits: int = 8, stochastic_round: bool = False,
             layerwise: bool = False, dtype: str = "bfloat16", state_dtype: str | None = None, device: str = "cuda",
             world_size: int = 1, gradient_accumulation: int = 1, ddp_bucket_view: bool = True, fsdp: bool = False,
@@ -239,7 +239,8 @@ def combine(static: _Static, batch_size: int, max_length: int, *, activation_che
                     static.buckets, peak_phase, breakdown, {phase: base + value for phase, value in totals.items()})
 
 
-def estimate(config, *, optimizer: str = "adamw", batch_size: int = 1, max_length: int = 256, rank: int | None = None,
+def estimate(config, *, optimizer: str = apollo.BASELINE, batch_size: int = 1, max_length: int = 256,
+             rank: int | None = None,
              weight_quant: bool = False, weight_group_size: int = 128, weight_bits: int = 8, stochastic_round: bool = False,
              layerwise: bool = False, activation_checkpointing: bool = False, dtype: str = "bfloat16",
              state_dtype: str | None = None, packing: bool = False, device: str = "cuda", world_size: int = 1,

@@ -66,7 +66,8 @@ def _batch(vocab: int, batch_size: int, max_length: int, packing: bool, seed: in
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-def measure(config, *, optimizer: str = "adamw", batch_size: int = 1, max_length: int = 256, rank: int | None = None,
+def measure(config, *, optimizer: str = apollo.BASELINE, batch_size: int = 1, max_length: int = 256,
+            rank: int | None = None,
             weight_quant: bool = False, weight_group_size: int = 128, stochastic_round: bool = False,
             layerwise: bool = False, activation_checkpointing: bool = False, dtype: str = "float32",
             state_dtype: str | None = None, packing: bool = False, steps: int = 2, gradient_accumulation: int = 1,
@@ -150,7 +151,7 @@ def _distributed_worker(rank: int, init_file: str, world_size: int, config, kwar
         dist.destroy_process_group()
 
 
-def measure_distributed(config, *, mode: str = "ddp", world_size: int = 2, optimizer: str = "adamw",
+def measure_distributed(config, *, mode: str = "ddp", world_size: int = 2, optimizer: str = apollo.BASELINE,
                         batch_size: int = 1, max_length: int = 256, rank: int | None = None, dtype: str = "float32",
                         state_dtype: str | None = None, packing: bool = False, gradient_accumulation: int = 1,
                         activation_checkpointing: bool = False, steps: int = 2,

@@ -69,7 +69,7 @@ def planner_statics(config, *, optimizers: list[str] | None = None, modes: list[
     cache: dict[tuple[str, bool], _Static | str] = {}
     for mode in modes or list(PLANNER_MODES):
         flags = PLANNER_MODES[mode]
-        for name in ["adamw"] + [o for o in optimizers if o != "adamw"]:
+        for name in [apollo.BASELINE] + [o for o in optimizers if o != apollo.BASELINE]:
             refusal = None
             for flag in ("weight_quant", "layerwise"):
                 if flags.get(flag) and name in MODES[flag]:
@@ -102,15 +102,16 @@ def planner_statics(config, *, optimizers: list[str] | None = None, modes: list[
                 static = dataclasses.replace(static, layerwise=True, accumulation=1, scratch=0, scratch_note="")
             yield name, mode, static
         for choice in adapters or []:
-            row = f"adamw+{choice.adapter}"
+            row = f"{apollo.BASELINE}+{choice.adapter}"  # the published adapter rows train their factors with AdamW
             if flags.get("layerwise") and world_size > 1:
                 yield row, mode, "layer-wise updates run on one process"
                 continue
             key = (row, flags.get("weight_quant", False), choice)
             if key not in cache:
                 try:
-                    cache[key] = prepare(config, optimizer="adamw", dtype=dtype, state_dtype=state_dtype, device=device,
-                                         world_size=world_size, fsdp=fsdp, fsdp_mixed_precision=fsdp_mixed_precision,
+                    cache[key] = prepare(config, optimizer=apollo.BASELINE, dtype=dtype, state_dtype=state_dtype,
+                                         device=device, world_size=world_size, fsdp=fsdp,
+                                         fsdp_mixed_precision=fsdp_mixed_precision,
                                          gradient_accumulation=gradient_accumulation, adapter=choice,
                                          weight_quant=flags.get("weight_quant", False),
                                          layerwise=flags.get("layerwise", False) and not fsdp)
@@ -143,9 +144,9 @@ def plan(config, gpu_bytes: float, *, max_length: int = 256, optimizers: list[st
             batch = largest_batch(static, gpu_bytes, max_length, activation_checkpointing=ckpt, packing=packing)
             peak = combine(static, max(batch, 1), max_length, activation_checkpointing=ckpt, packing=packing).total
             row = PlanRow(name, mode, batch, peak, gpu_bytes - peak)
-            if name == "adamw":
+            if name == apollo.BASELINE:
                 adamw[mode] = batch
-        if name in chosen or name.startswith("adamw+"):  # the adapter rows were asked for by name
+        if name in chosen or name.startswith(f"{apollo.BASELINE}+"):  # the adapter rows were asked for by name
             rows.append(row)
     for row in rows:
         if row.batch is None:

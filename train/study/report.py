@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+import apollo
+from apollo.registry import RegistryView
 from train.adapters import choice as adapter_choice, row_label
 from train.compare import RunError, load_run, smooth
 from train.study.fit import PowerLawFit, fit_power_law
@@ -44,15 +46,20 @@ IGNORED = frozenset({"seed", "data_seed", "save_dir", "name", "continue_from", "
                      "workers", "dry_run", "log_every", "eval_every", "save_every", "keep_last", "eval_batch_size",
                      "nan_policy"})
 
-#: published validation perplexities (reported), for reference only: source -> {optimizer: perplexity}
-REPORTED = {
-    "APOLLO paper, LLaMA-60M, 10K updates of 512 x 256 tokens (PROTOCOL.md)": {
-        "adamw": 34.06, "galore": 34.88, "fira": 31.06, "apollo_svd": 31.26, "apollo": 31.55, "apollo_mini": 31.93},
-    "SCALE repository's runs, LLaMA-60M, 11K updates (PEERS.md)": {
-        "adamw": 30.05, "muon": 28.86, "galore": 34.58, "fira": 30.34, "apollo": 30.94, "apollo_mini": 31.85,
-        "scale": 30.81},
-    "Adam-mini paper, 67M, torchtitan Chinchilla tokens (PEERS.md)": {"adamw": 29.32, "adam_mini": 29.01},
-}
+
+
+def reported() -> dict[str, dict[str, float]]:
+    """The published validation perplexities (reported), for reference only: source -> {optimizer: perplexity},
+    gathered from every registered spec's ``published`` (sources in the order the registry first cites them)."""
+    sources: dict[str, dict[str, float]] = {}
+    for spec in apollo.REGISTRY.values():
+        for source, perplexity in spec.published.items():
+            sources.setdefault(source, {})[spec.name] = perplexity
+    return sources
+
+
+#: `reported()` as a read-only mapping (the name this table had when it was written out here)
+REPORTED = RegistryView(reported)
 
 
 @dataclass
@@ -202,8 +209,9 @@ def memory_estimate(config: dict[str, Any], device: str) -> float | None:
     from train.memory import estimate
 
     try:
+        takes_rank = "rank" in apollo.get_spec(config["optimizer"]).options
         return estimate(config["model_config"], optimizer=config["optimizer"], batch_size=config["batch_size"],
-                        max_length=config["max_length"], rank=config.get("rank") if config["optimizer"] != "adamw" else None,
+                        max_length=config["max_length"], rank=config.get("rank") if takes_rank else None,
                         activation_checkpointing=config.get("activation_checkpointing", False), dtype=config["dtype"],
                         state_dtype=config.get("state_dtype"), packing=config.get("packing", False),
                         weight_quant=config.get("weight_quant", False), layerwise=config.get("layerwise", False),
@@ -299,7 +307,7 @@ def plot_fit(fit: PowerLawFit, others: list[tuple[str, float, float, float]], pa
     axis.plot(grid, [fit(d) for d in grid], "k--", label=f"AdamW fit {fit.alpha:.3g} D^-{fit.exponent:.3g} + {fit.beta:.3g}")
     axis.plot(fit.tokens, fit.losses, "ko", label="AdamW (measured)")
     for optimizer, tokens, loss, _ in others:
-        if optimizer != "adamw":
+        if optimizer != apollo.BASELINE:
             axis.plot([tokens], [loss], "o", label=optimizer)
     axis.set(xscale="log", xlabel="tokens D", ylabel="final validation loss", title=title)
     axis.grid(True, alpha=0.3)
@@ -382,7 +390,8 @@ def seed_section(all_cells: dict) -> list[str]:
 def speedup_section(all_cells: dict, study_dir: Path) -> list[str]:
     out = ["## Speedup in tokens over AdamW", ""]
     for model in sorted({m for m, _ in all_cells}):
-        budgets = {t: table["adamw"][0] for (m, t), table in all_cells.items() if m == model and "adamw" in table}
+        budgets = {t: table[apollo.BASELINE][0] for (m, t), table in all_cells.items()
+                   if m == model and apollo.BASELINE in table}
         if len(budgets) < 3:
             out += [f"{model}: AdamW has final losses at {len(budgets)} budget(s) "
                     f"({', '.join(_tokens(t) for t in sorted(budgets)) or 'none'}); the fit needs 3 or more.", ""]
@@ -410,7 +419,7 @@ def speedup_section(all_cells: dict, study_dir: Path) -> list[str]:
 
 def reported_section(all_cells: dict) -> list[str]:
     out = ["## Published numbers for reference (reported, not run here)", ""]
-    for source, numbers in REPORTED.items():
+    for source, numbers in reported().items():
         ordered = " < ".join(f"{opt} {ppl:.2f}" for opt, ppl in sorted(numbers.items(), key=lambda t: t[1]))
         out.append(f"- {source}, validation perplexity (reported): {ordered}")
         for (model, tokens), table in all_cells.items():

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import apollo
 from train.study.report import load_result, write_report
 from train.study.spec import Spec, Stage, StudyError, StudyRun, _resolve_run, _sizes, grid_runs, load_spec, make_run
 from train.sweep import command, execute, run_status
@@ -172,7 +173,8 @@ def measure_rates(spec: Spec, runs: list[StudyRun], how: str) -> dict[tuple[str,
         if how == "all" or model == smallest or (smallest, optimizer) not in first:
             out[(model, optimizer)] = rate((model, optimizer))
         else:
-            ref = "adamw" if (model, "adamw") in first and (smallest, "adamw") in first else optimizer
+            base = apollo.BASELINE  # scaled by the AdamW baseline's rate ratio where it ran at both sizes
+            ref = base if (model, base) in first and (smallest, base) in first else optimizer
             out[(model, optimizer)] = rate((smallest, optimizer)) * rate((model, ref)) / rate((smallest, ref))
     return out
 
