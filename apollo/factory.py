@@ -154,12 +154,14 @@ _APOLLO_FLAGS = (RANK, UPDATE_PROJ_GAP, PROJ, PROJ_TYPE, SCALE_TYPE, APOLLO_SCAL
 
 #: The specs of the optimizers this module builds (see apollo.spec).
 _LOW_RANK = dict(default_eps=1e-6, state_bytes=low_rank_state_bytes, scratch_bytes=scratch.low_rank_family,
+                 fused_low_rank=True,
                  smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2})
 SPECS = (
     OptimizerSpec("adamw", build_adamw, ADAMW_OPTIONS, "torch.optim.AdamW over every parameter (fused kernel on CUDA)",
                   default_eps=1e-8, states_follow_weights=True,  # torch's AdamW keeps its moments in the weights' dtype
                   refuses={"weight_quant": "torch.optim.AdamW cannot update int8 weights"},
                   from_groups=adamw_from_groups, state_bytes=torch_adamw_state_bytes, scratch_bytes=scratch.adamw,
+                  torch_adamw_groups=lambda group: True,
                   smoke_lr=3e-3, smoke_flags={"lr": 0.003},
                   published={APOLLO_PAPER_60M: 34.06, SCALE_RUNS_60M: 30.05, ADAM_MINI_PAPER_67M: 29.32}),
     OptimizerSpec("apollo", partial(build_low_rank, "apollo"), LOWRANK_OPTIONS["apollo"],

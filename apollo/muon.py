@@ -369,6 +369,7 @@ SPEC = OptimizerSpec(
     cli_flags=(ADAM_LR, MUON_MOMENTUM, MUON_NO_NESTEROV, MUON_ADJUST_LR), default_eps=1e-8,
     flag_help={"adam_lr": "embeddings, lm_head and norms, default --lr"},
     from_groups=MuonAdamW, state_bytes=param_state_bytes, scratch_bytes=scratch.muon,
+    torch_adamw_groups=lambda group: (group or {}).get("kind") != "muon",  # embeddings, lm_head, norms
     states_follow_weights=True,  # torch's Muon and AdamW keep their states in the weights' dtype
     refuses={"weight_quant": "Newton-Schulz on re-quantised int8 weights is not a published method"},
     smoke_lr=0.02, smoke_options={"adam_lr": 3e-3}, smoke_flags={"lr": 0.02, "adam_lr": 0.003},

@@ -90,7 +90,10 @@ class OptimizerSpec:
     counts: tensors at their size, a Python number 8 bytes); the contract test checks it against a real step.
     scratch_bytes: its memory model, ``scratch_bytes(param, group, *, name, p, device)`` -> bytes of the
     temporaries one parameter's update allocates (apollo/scratch.py has the derivations); train.memory refuses
-    an optimizer without one.
+    an optimizer without one. torch_adamw_groups: a param group (or None: not in one) -> whether torch.optim.AdamW
+    updates its parameters (None: no group), for train.memory's CUDA foreach term (torch AdamW takes
+    sqrt(v) of all those parameters at once: p N_all bytes). fused_low_rank: its groups with a ``rank`` step through
+    apollo/fused.py a chunk of weights at a time (train.memory counts the largest chunk, scratch.fused_step).
     requires: the import names of optional packages it needs (``("bitsandbytes",)``); `available` says whether they
     are installed, so that checks over the registry skip it where they are not.
     smoke_lr, smoke_options: an lr and options that train a tiny LLaMA in a few updates and reach the
@@ -117,6 +120,8 @@ class OptimizerSpec:
     from_groups: Callable[..., torch.optim.Optimizer] | None = None
     state_bytes: Callable[[torch.Tensor, dict], int] | None = None
     scratch_bytes: Callable[..., int] | None = None
+    torch_adamw_groups: Callable[[dict | None], bool] | None = None
+    fused_low_rank: bool = False
     smoke_lr: float = 1e-2
     smoke_options: Mapping[str, Any] = field(default_factory=dict)
     smoke_flags: Mapping[str, Any] = field(default_factory=dict)

@@ -3,7 +3,8 @@
 bf16 weights with float32 states (or states that follow the weights, as the spec says) and a load that keeps
 their dtype, int8 weights or the spec's refusal, a meta-device step that creates the real state, the spec's
 state_bytes formula equal to that state, its default betas and eps equal to the optimizer's, torch.optim's
-closure / lr-scheduler / hook / add_param_group protocol, a loss that falls, and no crippling zero-gradient step.
+closure / lr-scheduler / hook / add_param_group protocol, a loss that falls, and no crippling zero-gradient step;
+the memory model's step facts (torch_adamw_groups, fused_low_rank) equal to what the built optimizer runs.
 
 A new optimizer gets these tests by being registered; its own test file holds only its math. Settings come
 from its spec (`smoke_lr`, `smoke_options`: a refresh every 2 updates where the optimizer has one).
@@ -395,3 +396,47 @@ def test_from_groups_rebuilds_the_optimizer_the_builder_made(name, tiny_llama):
     _train(built_model, built, 0, 2)
     _train(rebuilt_model, rebuilt, 0, 2)
     _assert_same_weights(built_model, rebuilt_model)
+
+
+def _optimizers_inside(optimizer):
+    """The optimizer and the torch optimizers it holds as attributes or in a dict attribute (Muon's inner ones)."""
+    inside = [optimizer]
+    for value in vars(optimizer).values():
+        values = value.values() if isinstance(value, dict) else [value]
+        inside += [v for v in values if isinstance(v, torch.optim.Optimizer) and v is not optimizer]
+    return inside
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_adamw_groups_are_the_groups_torch_adamw_steps(name, tiny_llama):
+    """spec.torch_adamw_groups (train.memory's CUDA foreach term) names exactly the parameters that a
+    torch.optim.AdamW of the built optimizer holds: the optimizer itself or one it steps inside."""
+    spec = _spec(name)
+    if not spec.available:
+        pytest.skip(f"{name} needs {', '.join(spec.requires)}")
+    optimizer = _build(name, tiny_llama())
+    held = {id(p) for inner in _optimizers_inside(optimizer) if type(inner) is torch.optim.AdamW
+            for group in inner.param_groups for p in group["params"]}
+    declared = {id(p) for group in optimizer.param_groups for p in group["params"]
+                if spec.torch_adamw_groups is not None and spec.torch_adamw_groups(group)}
+    assert held == declared, f"{name}: torch AdamW holds {len(held)} parameters, its spec declares {len(declared)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_low_rank_is_whether_a_step_updates_whole_chunks_at_once(name, tiny_llama, monkeypatch):
+    """spec.fused_low_rank (train.memory counts the largest chunk's P, R and direction, scratch.fused_step) is
+    whether a step of the built optimizer runs apollo/fused.py's chunk-wide low-rank updates (`apollo_updates`,
+    `galore_updates`); Fira also walks `fused.step_chunks` but updates one matrix at a time (its own model)."""
+    spec = _spec(name)
+    if not spec.available:
+        pytest.skip(f"{name} needs {', '.join(spec.requires)}")
+    import apollo.fused
+
+    calls = []
+    for function in ("apollo_updates", "galore_updates"):
+        original = getattr(apollo.fused, function)
+        monkeypatch.setattr(apollo.fused, function,
+                            lambda *args, _f=original, **kwargs: calls.append(args) or _f(*args, **kwargs))
+    model = tiny_llama()
+    _train(model, _build(name, model), 0, 1)
+    assert bool(calls) == spec.fused_low_rank, f"{name}: {len(calls)} chunk-wide updates, spec says {spec.fused_low_rank}"

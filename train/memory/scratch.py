@@ -51,9 +51,9 @@ def update_scratch(param: torch.Tensor, group: dict | None, *, name: str, p: int
 
 
 def _torch_adamw(name: str, group: dict | None) -> bool:
-    """Whether this parameter's update is torch AdamW's (the optimizer's own, or Muon's AdamW part)."""
-    model = SCRATCH.get(name)
-    return model is models.adamw or (model is models.muon and (group or {}).get("kind") != "muon")
+    """Whether this parameter's update is torch AdamW's (its spec's ``torch_adamw_groups`` says so for its group)."""
+    spec = apollo.REGISTRY.get(name)
+    return spec is not None and spec.torch_adamw_groups is not None and bool(spec.torch_adamw_groups(group))
 
 
 def step_scratch(per_param, trainable: list[torch.Tensor], groups: dict[int, dict], param_groups: list[dict], *,
@@ -68,7 +68,8 @@ def step_scratch(per_param, trainable: list[torch.Tensor], groups: dict[int, dic
         joint = sum(_grad_bytes(q, p) for q in foreach_adamw)  # the foreach path takes sqrt(v) of all at once
         if joint >= scratch:
             scratch, note = joint, "torch AdamW (foreach): sqrt of every second moment at once"
-    if SCRATCH.get(name) is models.low_rank_family:  # apollo/fused.py steps a chunk of weights at a time
+    spec = apollo.REGISTRY.get(name)
+    if spec is not None and spec.fused_low_rank:  # apollo/fused.py steps a chunk of weights at a time
         chunked = max((models.fused_step(g, name=name, p=p, device=device)
                        for g in param_groups if g.get("rank") is not None), default=0)
         if chunked > scratch:
