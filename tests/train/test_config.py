@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+import apollo
+from apollo.spec import STANDARD_BETAS
 from train import __main__ as cli
 from train.optimizer_flags import FLAG_OPTIONS
 from train.config import ConfigError, TrainConfig, build_parser, optimizer_options, parse_args, parse_tokens, resolve
@@ -74,33 +76,48 @@ def test_flags_the_optimizer_does_not_take_are_refused(flags, error):
     assert str(raised.value).startswith(error)
 
 
-def test_state_dtype_float32_is_ignored_by_adamw_with_a_warning():
-    config, warnings = resolved(["--batch_size", "1", "--warmup_steps", "0", "--optimizer", "adamw", "--dtype", "bfloat16",
+@pytest.mark.parametrize("name", [n for n in apollo.optimizer_names() if apollo.get_spec(n).states_follow_weights])
+def test_state_dtype_float32_is_ignored_with_a_warning_where_states_follow_the_weights(name):
+    config, warnings = resolved(["--batch_size", "1", "--warmup_steps", "0", "--optimizer", name, "--dtype", "bfloat16",
                                  "--state_dtype", "float32"])
-    assert warnings == ["--state_dtype float32 is ignored by adamw: its states follow the weights (bfloat16)"]
+    assert warnings == [f"--state_dtype float32 is ignored by {name}: its states follow the weights (bfloat16)"]
     assert config.state_dtype == "param"
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ("--optimizer fira --fira_alpha 0.0625 --fira_paper_form --rank 8", {"alpha": 0.0625, "paper_form": True, "rank": 8}),
-    ("--optimizer scale --adam_lr 0.001 --scale_momentum 0.8 --scale_norm l2", {"adam_lr": 0.001, "momentum": 0.8,
-                                                                               "norm": "l2"}),
-    ("--optimizer muon --adam_lr 0.002 --muon_momentum 0.9 --muon_no_nesterov --muon_adjust_lr match_rms_adamw",
-     {"adam_lr": 0.002, "momentum": 0.9, "nesterov": False, "adjust_lr_fn": "match_rms_adamw"}),
-    ("--optimizer soap --soap_precondition_frequency 5 --soap_max_precond_dim 512 --soap_shampoo_beta 0.9",
-     {"precondition_frequency": 5, "max_precond_dim": 512, "shampoo_beta": 0.9}),
-])
-def test_peer_flags_reach_their_options(flags, expected):
-    config, _ = resolved(["--batch_size", "1", "--warmup_steps", "0", *flags.split()])
+def _set_value(flag):
+    """A value of a declared optimizer `Flag` inside its domain and away from its default (so it is passed on)."""
+    if flag.kind is bool:
+        return True
+    if flag.choices:
+        return next(choice for choice in reversed(flag.choices) if choice != flag.default)
+    low = flag.low if flag.low is not None else flag.above if flag.above is not None else 0
+    high = flag.high if flag.high is not None else flag.below if flag.below is not None else low + 8
+    value = flag.kind(low + (high - low) * 3 / 4) if flag.kind is float else max(low + 2, 2)
+    return value if value != flag.default else flag.kind(value + (high - low) / 8 if flag.kind is float else value + 1)
+
+
+@pytest.mark.parametrize("name", apollo.optimizer_names())
+def test_every_flag_of_a_spec_reaches_its_option(name):
+    """Every declared flag an optimizer takes, set at once away from its default, reaches the option its spec maps
+    it to (negated where the spec says so: --muon_no_nesterov -> nesterov=False)."""
+    spec = apollo.get_spec(name)
+    declared = {flag.name: flag for s in apollo.REGISTRY.values() for flag in s.cli_flags}
+    values = {flag: _set_value(declared[flag]) for flag in spec.flags if flag in declared}
+    argv = [item for flag, value in values.items()
+            for item in ([f"--{flag}"] if value is True else [f"--{flag}", str(value)])]
+    config, _ = resolved(["--batch_size", "1", "--warmup_steps", "0", "--optimizer", name, *argv])
     options = optimizer_options(config)
-    assert {key: options[key] for key in expected} == expected
+    assert {spec.flags[flag]: options[spec.flags[flag]] for flag in values} == \
+        {spec.flags[flag]: spec.flag_value(flag, value) for flag, value in values.items()}
 
 
-def test_soap_takes_its_own_betas_unless_given():
-    config, _ = resolved(["--batch_size", "1", "--warmup_steps", "0", "--optimizer", "soap"])
-    assert (config.beta1, config.beta2) == (0.95, 0.95)
-    config, _ = resolved(["--batch_size", "1", "--warmup_steps", "0", "--optimizer", "soap", "--beta2", "0.99"])
-    assert (config.beta1, config.beta2) == (0.95, 0.99)
+@pytest.mark.parametrize("name", [n for n in apollo.optimizer_names() if apollo.get_spec(n).default_betas != STANDARD_BETAS])
+def test_an_optimizer_takes_its_own_betas_unless_given(name):
+    own = apollo.get_spec(name).default_betas
+    config, _ = resolved(["--batch_size", "1", "--warmup_steps", "0", "--optimizer", name])
+    assert (config.beta1, config.beta2) == own != STANDARD_BETAS
+    config, _ = resolved(["--batch_size", "1", "--warmup_steps", "0", "--optimizer", name, "--beta2", "0.99"])
+    assert (config.beta1, config.beta2) == (own[0], 0.99)
 
 
 @pytest.mark.parametrize("batch, accum, total, world, expected", [
@@ -182,8 +199,9 @@ def bad_json(tmp_path):
 
 
 BAD_INPUT = [  # (flag changes, expected text in the error line)
-    ({"--optimizer": "sgd"}, "--optimizer: unknown optimizer 'sgd'; choose one of: adamw, apollo"),
-    ({"--rank": "0", "--optimizer": "apollo"}, "--rank must be a positive integer"),
+    ({"--optimizer": "sgd"}, f"--optimizer: unknown optimizer 'sgd'; choose one of: {', '.join(apollo.optimizer_names())}"),
+    ({"--rank": "0", "--optimizer": next(n for n in apollo.optimizer_names() if "rank" in apollo.get_spec(n).flags)},
+     "--rank must be a positive integer"),
     ({"--total_batch_size": "7"}, "--total_batch_size 7 is not a multiple of --batch_size 2"),
     ({"--model_config": "configs/llama_nope.json"}, "--model_config configs/llama_nope.json: no such file"),
     ({"--model_config": bad_json}, "not a llama config"),
