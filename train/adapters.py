@@ -299,8 +299,12 @@ def merge_state_dict(state: dict[str, torch.Tensor], config: Any) -> dict[str, t
 
 
 def row_label(config: Mapping[str, Any]) -> str:
-    """A saved run config's row: its optimizer, or "optimizer+adapter" (adamw+lora) when it trains adapters."""
+    """A saved run config's row: its optimizer, or "optimizer+adapter" (adamw+lora) when it trains adapters,
+    "optimizer+relora" when its LoRA factors are merged every --relora updates (ReLoRA is a row of its own,
+    not a LoRA setting: the report ranks it apart)."""
     adapter = config.get("adapter", "none")
+    if adapter == "lora" and (config.get("relora") or config.get("relora_cycles")):
+        adapter = "relora"
     return config["optimizer"] if adapter == "none" else f"{config['optimizer']}+{adapter}"
 
 

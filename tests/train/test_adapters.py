@@ -277,6 +277,9 @@ lr = [0.01]"""))
     assert not any("--adapter" in f for n, f in runs.items() if "-adamw-" in n)
     assert row_label({"optimizer": "adamw", "adapter": "lora"}) == "adamw+lora"
     assert row_label({"optimizer": "adamw", "adapter": "none"}) == "adamw"
+    assert row_label({"optimizer": "adamw", "adapter": "lora", "relora": None, "relora_cycles": 3}) == "adamw+relora"
+    assert row_label({"optimizer": "adamw", "adapter": "lora", "relora": 26, "relora_cycles": None}) == "adamw+relora"
+    assert row_label({"optimizer": "adamw", "adapter": "lora", "relora": None, "relora_cycles": None}) == "adamw+lora"
 
 
 def test_study_row_refused_by_the_trainer_is_one_line(tmp_path):

@@ -518,3 +518,24 @@ def test_cpu_study_spec_covers_every_optimizer(tmp_path, c4_dir, monkeypatch):
     assert {"seed", "llama_20m"} <= set(pending)
     assert pending["seed"].startswith("6 runs chosen from stage tune")
     assert pending["llama_20m"].startswith("2 runs chosen from stage tune")
+
+
+def test_table2_rows_spec_plans_the_papers_rows(tmp_path, c4_dir, monkeypatch):
+    """scripts/studies/table2_rows.toml (issue 27's comparison): seven rows x 3 lrs on LLaMA-20M, the model-side
+    rows resolved to AdamW plus their adapter flags, ReLoRA's merges in three cycles; edges extended later."""
+    text = (REPO / "scripts/studies/table2_rows.toml").read_text()
+    spec_path = tmp_path / "table2.toml"
+    spec_path.write_text(text.replace('data_dir = "runs/tokens/c4-study-t5"', f'data_dir = "{c4_dir}"')
+                         .replace('out = "runs/studies/table2_rows"', f'out = "{tmp_path / "t2"}"'))
+    monkeypatch.chdir(REPO)
+    planned, pending = study.plan(load_spec(spec_path), lambda run: False)
+    runs = {run.name: parse_flags(run.flags) for run in planned["rows"]}
+    assert len(runs) == 7 * 3 and pending["rows"].startswith("up to 2 more lrs per optimizer")
+    rows = {name.split("-")[2] for name in runs}
+    assert rows == {"adamw", "galore", "galore_adamw8bit", "apollo", "low_rank", "lora", "relora"}
+    for name, flags in runs.items():
+        row = name.split("-")[2]
+        adapter = {"low_rank": "low_rank", "lora": "lora", "relora": "lora"}.get(row)
+        assert flags.get("--adapter") == adapter, name
+        assert flags["--optimizer"] == ("adamw" if adapter else row), name
+        assert (flags.get("--relora_cycles") == "3") == (row == "relora"), name
