@@ -146,7 +146,7 @@ def _low_rank_directions(
 
 
 #: Numbers per block of rows in `_norms`' column sums on the CPU (fewer blocks cost less; larger ones gain nothing).
-_NORM_BLOCK_ELEMENTS = 2**19
+NORM_BLOCK_ELEMENTS = 2**19
 
 
 def _norms(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -154,12 +154,12 @@ def _norms(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
 
     On the CPU torch's reduction over dim 0 of a row-major matrix is ~15x slower than over dim 1
     (3.5 ms against 0.15 ms for 768 x 2048 here), so columns are summed as squares a block of rows at a
-    time (:data:`_NORM_BLOCK_ELEMENTS` numbers: 0.29 ms for 768 x 2048; a 2 MB temporary, not a copy of x).
+    time (:data:`NORM_BLOCK_ELEMENTS` numbers: 0.29 ms for 768 x 2048; a 2 MB temporary, not a copy of x).
     """
     if dim == 1 or x.device.type != "cpu":
         return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
     squares = torch.zeros((1, x.shape[1]), dtype=dtype, device=x.device)
-    for block in x.split(max(1, _NORM_BLOCK_ELEMENTS // x.shape[1])):
+    for block in x.split(max(1, NORM_BLOCK_ELEMENTS // x.shape[1])):
         block = block.to(dtype)
         squares += (block * block).sum(0, keepdim=True)
     return squares.sqrt_()

@@ -23,14 +23,16 @@ reads them through the registry and refuses an optimizer without one. Torch only
                AdamW s n (sqrt v) + s n when casting.
                Muon (torch.optim.Muon): Nesterov's U (p n), then Newton-Schulz in bfloat16 on the
                matrix transposed to k x max(m, n): X (2 n) and at its worst the next X beside A, B
-               (k x k each): max(2 n + 6 k^2, 4 n + 4 k^2); the AdamW part as torch AdamW.
+               (k x k each): max(2 n + 6 k^2, 4 n + 4 k^2), + the matmuls' buffers (`newton_schulz_buffers`); the AdamW part as torch AdamW.
                Adam-mini: a block's mean square is a norm (a half-precision gradient read in float32:
                4 n), the denominator per block (2 s n only for elementwise blocks).
                SOAP (per m x n, w = 4 the compute bytes): the state in float32 when kept in bf16
                (w (2 m n + 2 m^2 + 2 n^2)) and G (w m n); the direction Q_L (M/(sqrt V + eps)) Q_R^T
                ((1 + sides) w m n) or, at a basis refresh, m in the weight basis + the power step and QR
-               (both sides: 1.8 w m n + 4 w k^2 + the other new basis; one: w m n + 5 w k^2, measured)
-               or m rotated into the new basis ((1 + sides) w m n); the statistics G G^T (w m^2).
+               (both sides: 1.8 w m n + 4.7 w k^2 + the other new basis; one: w m n + 5 w k^2, measured)
+               or m rotated into the new basis ((1 + sides) w m n); the statistics G G^T (w m^2). Not
+               counted: the first step's eigh of both sides (~6.1 w k^2 for the larger, measured), which
+               runs while the state is still being created.
                8-bit AdamW (bitsandbytes): in place on CUDA; the CPU kernel works in float32 blocks.
                Flora (w = max(p, 4) the working bytes): a compressed momentum U and E(C) (2 w n) beside P
                and D(.) (w (r min(m, n) + |C|)); a factored full momentum U beside G^2's means
@@ -45,9 +47,15 @@ import math
 
 import torch
 
-from .fused import step_chunks
-from .projection import projected_shape, projection_shape, projection_side
+from .fused import NORM_BLOCK_ELEMENTS, step_chunks
+from .projection import LEFT, projected_shape, projection_shape, projection_side
 from .quant import is_quantized
+
+
+def newton_schulz_buffers(k: int) -> int:
+    """The CPU matmuls' own buffers beside their operands in Newton-Schulz, k = min(m, n): measured 20, 53, 86,
+    102, 133 KB at k = 32, 64, 96, 128, 256 and 258 KB from k = 512 on (float32 and bfloat16 alike)."""
+    return min(800 * k, 264 * 1024)
 
 
 def adamw(param: torch.Tensor, group: dict | None, *, name: str, p: int, device: str) -> int:
@@ -124,7 +132,7 @@ def muon(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) ->
     k = min(param.shape)
     nesterov = p * n if group.get("nesterov", True) else 0
     newton_schulz = max(2 * 2 * n + 2 * 2 * k * k, 2 * n + 3 * 2 * k * k)  # bfloat16 X, X', A = X X^T, B
-    return nesterov + newton_schulz
+    return nesterov + newton_schulz + newton_schulz_buffers(k)
 
 
 def adam_mini(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) -> int:
@@ -152,8 +160,8 @@ def soap(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) ->
     statistics = w * max(sides, default=0) ** 2
     # a basis refresh: m in the weight basis (w m n) beside the power step L Q, its reordering, QR's Q and R
     # (4-5 w k^2 measured), the other side's new basis while the second is made; then m rotated back
-    if len(sides) == 2:
-        refresh = int(1.8 * w * n) + max(4 * w * sides[0] ** 2, 4 * w * sides[1] ** 2 + w * sides[0] ** 2)
+    if len(sides) == 2:  # 4.4-4.65 w k^2 measured for k = 300-1000 beside a 128 side: the larger constant
+        refresh = int(1.8 * w * n) + max(int(4.7 * w * sides[0] ** 2), int(4.7 * w * sides[1] ** 2) + w * sides[0] ** 2)
     else:
         refresh = w * n + 5 * w * max(sides, default=0) ** 2
     return held + max(direction, statistics, refresh, (1 + len(sides)) * w * n)
@@ -172,7 +180,8 @@ def fused_low_rank(param: torch.Tensor, group: dict, *, name: str, p: int,
     """Bytes of one float weight in apollo's fused low-rank step (apollo/fused.py), by phase of its chunk:
 
     (P held, P transient) while the chunk's projections are made: a random P not stored (p |P|), drawn in
-    float32 and cast (+ 4 |P|); an SVD P is state, its refresh takes 4 (n + m k + k n) (+ 4 n to cast);
+    float32 and cast (+ 4 |P|), or on the CPU G's column norms for channel scaling of a left-projected G
+    (a float32 block of rows squared, 4 b cols with b = min(m, 2^19 / cols), + its float32 copy); an SVD P is state, its refresh takes 4 (n + m k + k n) (+ 4 n to cast);
     (held, held without R, transient) while the chunk is updated: P, R cast to the state dtype and the
     normalised direction (s |R| each); GaLore frees R before it back-projects one weight at a time
     (p n, + p |R| to cast the direction). On the CPU, half-precision matmuls run in float32
@@ -189,6 +198,10 @@ def fused_low_rank(param: torch.Tensor, group: dict, *, name: str, p: int,
     proj_transient = (4 * (n + m * k + k * cols) + (4 * n if p != 4 else 0) if svd_kind
                       else (4 * p_size if p != 4 else 0))
     update_transient = p * n + (p * r_size if s != p else 0) if name == "galore" else 0
+    if group.get("scale_type") == "channel" and device == "cpu" and side == LEFT:
+        # G's column norms on the CPU (fused._norms): a float32 block of rows squared (+ its float32 copy)
+        rows = min(m, max(1, NORM_BLOCK_ELEMENTS // cols))
+        proj_transient = max(proj_transient, 4 * cols + (4 if p == 4 else 8) * rows * cols)
     if device == "cpu" and p == 2:
         if group["rank"] > 1:  # a rank-1 projection stays in half precision (fused.projection_operands)
             proj_transient = max(proj_transient, 4 * (n + p_size + r_size))

@@ -177,20 +177,23 @@ def _measured_step_scratch(name, dtype, options):
     return max(peaks[1:])
 
 
-@pytest.mark.parametrize("name,dtype,options", [
-    pytest.param("muon", "float32", {}, marks=pytest.mark.slow), ("scale", "float32", {}), ("adam_mini", "float32", {}), ("adamw8bit", "float32", {}),
-    # a refresh (its SVD: what the estimate counts) at every step; slow: the peer test covers Fira by default
-    pytest.param("fira", "float32", {"rank": 32, "options": {"update_proj_gap": 1}}, marks=pytest.mark.slow),
-    ("soap", "float32", {"options": {"precondition_frequency": 1, "max_precond_dim": 200}}),  # 500 x 128: 128 side only
-    ("flora", "float32", {"rank": 32, "options": {"update_proj_gap": 1}}),  # every matrix compressed, re-drawn each step
-    ("galore_adamw8bit", "float32", {"rank": 32, "options": {"update_proj_gap": 1}}),  # an SVD refresh each step
-    pytest.param("muon", "bfloat16", {}, marks=pytest.mark.slow),
-    pytest.param("scale", "bfloat16", {}, marks=pytest.mark.slow),
-    pytest.param("adam_mini", "bfloat16", {}, marks=pytest.mark.slow),
-    pytest.param("fira", "bfloat16", {"rank": 32, "options": {"update_proj_gap": 1}}, marks=pytest.mark.slow),
-    pytest.param("soap", "bfloat16", {"options": {"precondition_frequency": 1}}, marks=pytest.mark.slow),
-    pytest.param("flora", "bfloat16", {"rank": 200}, marks=pytest.mark.slow),  # 128 < r: full momenta, float32 work
-])
+def _scratch_cases():
+    """Every registered optimizer at its spec's smoke options (float32 by default, bfloat16 slow). The smoke
+    options refresh every 2 steps, so one of the two steady-state steps measured is a refresh: what the
+    estimate counts. Flora again at a rank above the 128-wide model (full momenta, float32 work)."""
+    cases = []
+    for name in apollo.optimizer_names():
+        spec = apollo.get_spec(name)
+        options = {"options": dict(spec.smoke_options)} if spec.smoke_options else {}
+        if "rank" in options.get("options", {}):
+            options["rank"] = options["options"].pop("rank")
+        cases.append(pytest.param(name, "float32", options, id=f"{name}-float32"))
+        cases.append(pytest.param(name, "bfloat16", options, id=f"{name}-bfloat16", marks=pytest.mark.slow))
+    cases.append(pytest.param("flora", "bfloat16", {"rank": 200}, id="flora-bfloat16-rank200", marks=pytest.mark.slow))
+    return cases
+
+
+@pytest.mark.parametrize("name,dtype,options", _scratch_cases())
 def test_update_scratch_matches_the_measured_step(name, dtype, options):
     """The optimizer step alone: the allocator's peak during step() against the estimator's update scratch."""
     estimated = memory.estimate(STEP, optimizer=name, dtype=dtype, device="cpu", batch_size=1, max_length=8,
