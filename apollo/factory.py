@@ -154,7 +154,7 @@ _APOLLO_FLAGS = (RANK, UPDATE_PROJ_GAP, PROJ, PROJ_TYPE, SCALE_TYPE, APOLLO_SCAL
 
 #: The specs of the optimizers this module builds (see apollo.spec).
 _LOW_RANK = dict(default_eps=1e-6, state_bytes=low_rank_state_bytes, scratch_bytes=scratch.low_rank_family,
-                 fused_low_rank=True,
+                 fused_low_rank=True, refresh_option="update_proj_gap",
                  smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2})
 SPECS = (
     OptimizerSpec("adamw", build_adamw, ADAMW_OPTIONS, "torch.optim.AdamW over every parameter (fused kernel on CUDA)",

@@ -262,4 +262,5 @@ SPEC = OptimizerSpec(
     cli_flags=(RANK, UPDATE_PROJ_GAP, PROJ_TYPE, FIRA_ALPHA, FIRA_PAPER_FORM), default_eps=1e-6,
     smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2, "fira_alpha": 0.25},
     published={APOLLO_PAPER_60M: 31.06, SCALE_RUNS_60M: 30.34},
+    refresh_option="update_proj_gap",
 )

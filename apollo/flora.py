@@ -390,4 +390,5 @@ SPEC = OptimizerSpec(
     # rank 4 with the relative step is too noisy for a loss test on the tiny model; kappa 2 re-draws at the save
     smoke_lr=1e-2, smoke_options={"rank": 16, "update_proj_gap": 2, "scale_parameter": False},
     smoke_flags={"rank": 4, "update_proj_gap": 2},
+    refresh_option="update_proj_gap",
 )

@@ -313,4 +313,5 @@ SPEC = OptimizerSpec(
              "fsdp": "bitsandbytes' 8-bit states do not shard as DTensors"},
     smoke_lr=1e-2, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2},
     requires=("bitsandbytes",),
+    refresh_option="update_proj_gap",
 )

@@ -418,4 +418,5 @@ SPEC = OptimizerSpec(
              "fsdp": "SOAP's preconditioners need whole matrices (no gathered update yet)"},
     smoke_lr=3e-3, smoke_options={"precondition_frequency": 2},
     smoke_flags={"lr": 0.003, "soap_precondition_frequency": 2},
+    refresh_option="precondition_frequency",
 )

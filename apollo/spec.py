@@ -102,6 +102,9 @@ class OptimizerSpec:
     same settings (a flag name -> value), for the 4-update runs of tests/train/test_peers.py.
     published: source label (the constants above, e.g. `APOLLO_PAPER_60M`) -> the validation perplexity that
     source reports for this optimizer; the study report (train/study/report.py) lists them, per source, for reference.
+    refresh_option: the option that sets how many updates pass between refreshes of its projection or basis
+    (``update_proj_gap``, SOAP's ``precondition_frequency``; 1 makes every step a refresh step), None when it
+    has no periodic refresh: the benchmarks time a refresh step apart for the optimizers that have one.
     """
 
     name: str
@@ -127,6 +130,7 @@ class OptimizerSpec:
     smoke_flags: Mapping[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
     published: Mapping[str, float] = field(default_factory=dict)
+    refresh_option: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", frozenset(self.options))
@@ -145,6 +149,8 @@ class OptimizerSpec:
         unknown_options = sorted(set(self.flags.values()) - self.options)
         if unknown_options:
             raise ValueError(f"OptimizerSpec {self.name!r}: flags set option(s) {unknown_options} it does not take")
+        if self.refresh_option is not None and self.refresh_option not in self.options:
+            raise ValueError(f"OptimizerSpec {self.name!r}: refresh_option {self.refresh_option!r} is not among its options")
         unknown_smoke = sorted(set(self.smoke_options) - self.options)
         if unknown_smoke:
             raise ValueError(f"OptimizerSpec {self.name!r}: smoke_options {unknown_smoke} are not among its options")

@@ -285,14 +285,14 @@ def optimizer_step(device: torch.device, size: str, updates: int) -> list[dict]:
     default_mode = fused.ELEMENTWISE.get(device.type, "foreach")
     for name, options in table_7.items():
         spec = apollo.get_spec(name)
-        refreshes = "update_proj_gap" in spec.options
+        refreshes = spec.refresh_option is not None
         for mode in ("default", "compiled") if spec.fused_low_rank else ("default",):
             fused.ELEMENTWISE[device.type] = default_mode if mode == "default" else "compiled"
             timings = {}
             for label, gap in (("step", 10**9), ("refresh", 1)):
                 if not refreshes and label == "refresh":
                     continue
-                extra = {"update_proj_gap": gap} if refreshes else {}
+                extra = {spec.refresh_option: gap} if refreshes else {}
                 optimizer = apollo.build_optimizer(name, model, lr=1e-5, **options, **extra)
                 optimizer.step()  # the first step creates the state (and the first projection; compiles)
                 synchronize(device)

@@ -81,31 +81,32 @@ def _load_published(package: str, module: str, attribute: str):
     return getattr(loaded, attribute)
 
 
+def _registered(name: str, model, rank: int, gap: int, **extra):
+    """A registered optimizer as `--optimizer NAME` builds it, at the benchmark's rank where its spec takes one
+    (APOLLO-Mini keeps its preset's rank 1) and a refresh every `gap` updates where it has a refresh."""
+    spec = apollo.get_spec(name)
+    options = {"rank": rank} if "rank" in spec.smoke_options else {}
+    if spec.refresh_option is not None:
+        options[spec.refresh_option] = gap
+    return lambda: apollo.build_optimizer(name, model, lr=1e-3, **options, **extra)
+
+
 def optimizers(model, rank: int, gap: int):
-    """name -> zero-argument factory. `gap` is update_proj_gap (1 makes every step a refresh)."""
+    """name -> zero-argument factory. `gap` is the refresh interval (1 makes every step a refresh)."""
     groups = lambda **kw: apollo.param_groups(model, **kw)  # noqa: E731
     factories = {
         # --optimizer adamw builds torch.optim.AdamW with torch's defaults: the foreach path
         "torch adamw foreach": lambda: torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True),
         "torch adamw fused": lambda: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
-        "apollo": lambda: apollo.APOLLO(groups(rank=rank, update_proj_gap=gap), lr=1e-3),
-        "apollo (plain path)": lambda: apollo.APOLLO(groups(rank=rank, update_proj_gap=gap), lr=1e-3, fused=False),
-        "apollo_mini": lambda: apollo.APOLLO(groups(rank=1, scale_type="tensor", scale=128.0, update_proj_gap=gap), lr=1e-3),
-        "apollo_mini (plain path)": lambda: apollo.APOLLO(
-            groups(rank=1, scale_type="tensor", scale=128.0, update_proj_gap=gap), lr=1e-3, fused=False),
-        "apollo_svd": lambda: apollo.APOLLO(groups(rank=rank, proj="svd", update_proj_gap=gap), lr=1e-3),
-        "galore": lambda: apollo.GaLore(groups(rank=rank, update_proj_gap=gap), lr=1e-3),
-        # the AdamW that APOLLO runs on its regular group, to set against torch's fused kernel on the same tensors
-        "apollo regular group": lambda: apollo.APOLLO([groups()[0]], lr=1e-3),
-        # the peers, as `--optimizer NAME` builds them (refresh column: Fira's SVD, SOAP's power step + QR)
-        "fira": lambda: apollo.build_optimizer("fira", model, lr=1e-3, rank=rank, update_proj_gap=gap),
-        "scale": lambda: apollo.build_optimizer("scale", model, lr=1e-3),
-        "muon": lambda: apollo.build_optimizer("muon", model, lr=1e-3),
-        "adam_mini": lambda: apollo.build_optimizer("adam_mini", model, lr=1e-3),
-        "soap": lambda: apollo.build_optimizer("soap", model, lr=1e-3, precondition_frequency=gap),
     }
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        factories["adamw8bit"] = lambda: apollo.build_optimizer("adamw8bit", model, lr=1e-3)
+    for name in FUSED_ROWS:  # the fused step (apollo/fused.py) and, where it has one, the plain definition
+        factories[name] = _registered(name, model, rank, gap)
+        if "fused" in apollo.get_spec(name).options:
+            factories[f"{name} (plain path)"] = _registered(name, model, rank, gap, fused=False)
+    # the AdamW that APOLLO runs on its regular group, to set against torch's fused kernel on the same tensors
+    factories["apollo regular group"] = lambda: apollo.APOLLO([groups()[0]], lr=1e-3)
+    for name in PEER_ROWS:  # the rest of the registry (refresh column: Fira's SVD, SOAP's power step + QR, ...)
+        factories[name] = _registered(name, model, rank, gap)
     published_apollo = _load_published("apollo_torch", "apollo", "AdamW")
     if published_apollo is not None:
         def make(**kw):
@@ -169,9 +170,13 @@ def state_mb(optimizer) -> float:
 
 BASELINES = ("torch adamw foreach", "torch adamw fused")
 PUBLISHED = {"apollo": "apollo-torch apollo", "apollo_mini": "apollo-torch apollo_mini", "galore": "galore-torch galore"}
-PEER_ROWS = ("fira", "scale", "muon", "adam_mini", "soap", "adamw8bit")
-ROWS = ("apollo", "apollo (plain path)", "apollo_mini", "apollo_mini (plain path)", "apollo_svd", "galore",
-        "apollo regular group") + PEER_ROWS
+#: Every registered optimizer but the AdamW baseline (torch's, timed as its two rows), from the registry: the
+#: specs whose low-rank groups take apollo/fused.py's step, then the rest whose packages are installed.
+FUSED_ROWS = tuple(n for n in apollo.optimizer_names() if apollo.get_spec(n).fused_low_rank)
+PEER_ROWS = tuple(n for n in apollo.optimizer_names()
+                  if n != apollo.BASELINE and n not in FUSED_ROWS and apollo.get_spec(n).available)
+ROWS = (tuple(row for n in FUSED_ROWS for row in (n, f"{n} (plain path)")[:1 + ("fused" in apollo.get_spec(n).options)])
+        + ("apollo regular group",) + PEER_ROWS)
 
 
 def selected(name: str, rows: Sequence[str]) -> bool:
@@ -193,8 +198,7 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
     steps_of = {name: optimizer.step for name, optimizer in normal.items()}
     if compiled_elementwise:  # the APOLLO-family fused rows again, their moments' update compiled (fused.ELEMENTWISE)
         makers = optimizers(model, rank, gap=10**9)
-        for name in [n for n in normal if n.startswith(("apollo", "galore")) and "(" not in n and "regular" not in n
-                     and "-torch" not in n]:
+        for name in [n for n in normal if n in FUSED_ROWS]:
             normal[f"{name} [compiled]"] = makers[name]()
             steps_of[f"{name} [compiled]"] = functools.partial(_compiled_step, normal[f"{name} [compiled]"])
     snapshot = [p.detach().clone() for p in model.parameters()]
@@ -203,8 +207,8 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
     median_ms = {name: 1e3 * statistics.median(t) for name, t in timed.items()}
     floor_ms = sum(median_ms[k] for k in floor_parts)
     # refresh steps: every step redraws P (random) or recomputes the SVD
-    refresh_names = [n for n in normal if "adamw" not in n and "regular" not in n and "plain" not in n
-                     and n not in ("scale", "muon", "adam_mini")]  # no refresh in these
+    refresh_names = [n for n in normal if n in FUSED_ROWS + PEER_ROWS and apollo.get_spec(n).refresh_option
+                     or n in PUBLISHED.values()]
     refreshing = {name: make() for name, make in optimizers(model, rank, gap=1).items() if name in refresh_names}
     refresh_ms = {name: 1e3 * statistics.median(t)
                   for name, t in time_rounds({n: o.step for n, o in refreshing.items()}, refresh_steps, warmup=1).items()}
@@ -227,7 +231,9 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
         ms = median_ms[name]
         ref = PUBLISHED.get(name.removesuffix(" (plain path)").removesuffix(" [compiled]"))
         vs_published = f"{ms / median_ms[ref]:.2f}" if ref in median_ms else "-"
-        vs_floor = f"{ms / floor_ms:.2f}" if name.startswith("apollo") and "torch" not in name else "-"
+        base = name.removesuffix(" (plain path)").removesuffix(" [compiled]")
+        # the floor is APOLLO's (random or SVD P, channel or tensor scaling): the rows of the specs with its presets
+        vs_floor = f"{ms / floor_ms:.2f}" if base in FUSED_ROWS and "proj" in apollo.PRESETS.get(base, {}) else "-"
         if name in anchors.NOTES:
             vs_floor = "-"
         if name == "apollo regular group":  # its baseline is the fused kernel on the same (regular) tensors

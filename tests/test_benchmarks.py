@@ -118,3 +118,20 @@ def test_compile_throughput_refuses_an_unknown_model_before_building_anything(ca
         compile_throughput.main(["--models", "5m"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: no configs/llama_5m.json")
+
+
+def test_every_registered_optimizer_is_a_row_built_with_its_refresh_interval(tiny_llama):
+    """The step benchmark's rows come from the registry: every registered optimizer with its packages (torch's
+    AdamW as the baselines), built by its factory; a refresh option set to the benchmark's gap in its groups."""
+    expected = {n for n in apollo.optimizer_names() if n != apollo.BASELINE and apollo.get_spec(n).available}
+    assert len(expected) >= 12 and set(optimizer_step.FUSED_ROWS + optimizer_step.PEER_ROWS) == expected
+    factories = optimizer_step.optimizers(tiny_llama(), rank=4, gap=7)
+    assert set(optimizer_step.ROWS) <= set(factories)
+    for name in sorted(expected):
+        optimizer = factories[name]()
+        assert type(optimizer) is type(apollo.build_optimizer(name, tiny_llama(), lr=1e-3, **(
+            {"rank": 4} if "rank" in apollo.get_spec(name).smoke_options else {}))), name
+        option = apollo.get_spec(name).refresh_option
+        if option is not None:
+            values = {group[option] for group in optimizer.param_groups if option in group}
+            assert values == {7}, (name, values)

@@ -118,6 +118,28 @@ def _distance_after_three_steps(name, tiny_llama, zero_step_first):
     return torch.stack([(p.detach() - b).norm() for p, b in zip(hidden, before)]).norm().item()
 
 
+def _hidden_after_three_steps(name, tiny_llama, **options):
+    model = tiny_llama(seed=0)
+    optimizer = _build(name, model, **options)
+    _train(model, optimizer, 0, 3)
+    return [p.detach().clone() for p in _hidden_matrices(model)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_refresh_option_sets_how_often_the_optimizer_refreshes(name, tiny_llama):
+    """spec.refresh_option (what the step benchmarks set to 1 for their refresh rows): a refresh every update
+    changes the weights after three updates against no refresh after the first; a spec without one takes no
+    interval option the benchmarks would miss."""
+    spec = _spec(name)
+    if spec.refresh_option is None:
+        assert not {"update_proj_gap", "precondition_frequency"} & spec.options, name
+        return
+    every = _hidden_after_three_steps(name, tiny_llama, **{spec.refresh_option: 1})
+    never = _hidden_after_three_steps(name, tiny_llama, **{spec.refresh_option: 10**6})
+    assert len(every) == len(never) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(every, never)), name
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_zero_gradient_step_does_not_cripple_later_updates(name, tiny_llama):
     """Three real steps after a zero-gradient lr-0 step move the hidden matrices at least a quarter as far as

@@ -17,6 +17,25 @@ def sharded_weights(checkpoint, tmp_path) -> dict[str, torch.Tensor]:
     return torch.load(target, weights_only=True)["model"]
 
 
+def assert_ends_with_the_ddp_weights(folder, mode: str, tmp_path, frozen=lambda key: False) -> None:
+    """`folder`/`mode` (a sharded run: fsdp, hsdp) ends at `folder`/ddp's weights after 4 updates: relative 1e-5
+    of the weights (float32 round-off: the gradients are summed in another order) and a thousandth of what the
+    last two updates moved them; `frozen` keys (LoRA's W0) never move and equal DDP's bit for bit; the same losses."""
+    expected = weights(folder / "ddp" / "step_0000004")
+    got = sharded_weights(folder / mode / "step_0000004", tmp_path)
+    start = sharded_weights(folder / mode / "step_0000002", tmp_path)
+    assert len(expected) > 0 and set(got) == set(expected)
+    for key in expected:
+        error, moved = (got[key] - expected[key]).norm(), (expected[key] - start[key]).norm()
+        if frozen(key):
+            assert moved == 0 and torch.equal(got[key], expected[key]), key
+            continue
+        assert error <= 1e-5 * expected[key].norm() and error <= 1e-3 * moved, (key, error, moved)
+    ddp_loss = [r["loss"] for r in read_metrics(folder / "ddp") if "loss" in r]
+    sharded_loss = [r["loss"] for r in read_metrics(folder / mode) if "loss" in r]
+    assert len(ddp_loss) == 4 and sharded_loss == pytest.approx(ddp_loss, rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, c4_dir, tokenizer_dir):
     """name -> (folder, fsdp argv): a DDP and an FSDP2 run of 4 updates per optimizer, same seed."""
@@ -33,19 +52,7 @@ def runs(tmp_path_factory, c4_dir, tokenizer_dir):
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_fsdp_ends_with_the_ddp_weights(runs, name, tmp_path):
-    folder, _ = runs[name]
-    expected = weights(folder / "ddp" / "step_0000004")
-    got = sharded_weights(folder / "fsdp" / "step_0000004", tmp_path)
-    start = sharded_weights(folder / "fsdp" / "step_0000002", tmp_path)
-    assert set(got) == set(expected)
-    for key in expected:
-        # relative 1e-5 of the weights (float32 round-off: the gradients are summed in another order), and
-        # a thousandth of what the last two updates moved them
-        error, moved = (got[key] - expected[key]).norm(), (expected[key] - start[key]).norm()
-        assert error <= 1e-5 * expected[key].norm() and error <= 1e-3 * moved, (key, error, moved)
-    ddp_loss = [r["loss"] for r in read_metrics(folder / "ddp") if "loss" in r]
-    fsdp_loss = [r["loss"] for r in read_metrics(folder / "fsdp") if "loss" in r]
-    assert fsdp_loss == pytest.approx(ddp_loss, rel=1e-5)
+    assert_ends_with_the_ddp_weights(runs[name][0], "fsdp", tmp_path)
 
 
 def test_fsdp_state_per_rank_is_a_fraction_of_ddp(runs):

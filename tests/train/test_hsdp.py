@@ -9,8 +9,8 @@ bit-exactly from its sharded checkpoint. 4 processes on a 2-core machine take mi
 import pytest
 import torch
 
-from tests.train.test_cli import read_metrics, run_train, tiny_args, weights
-from tests.train.test_fsdp import sharded_weights
+from tests.train.test_cli import run_train, tiny_args
+from tests.train.test_fsdp import assert_ends_with_the_ddp_weights, sharded_weights
 
 OPTIMIZERS = {"adamw": {}, "apollo": {"rank": 4, "update_proj_gap": 2}}
 pytestmark = pytest.mark.slow
@@ -32,17 +32,7 @@ def runs(tmp_path_factory, c4_dir, tokenizer_dir):
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_hsdp_ends_with_the_ddp_weights(runs, name, tmp_path):
-    folder, _ = runs[name]
-    expected = weights(folder / "ddp" / "step_0000004")
-    got = sharded_weights(folder / "hsdp" / "step_0000004", tmp_path)
-    start = sharded_weights(folder / "hsdp" / "step_0000002", tmp_path)
-    assert set(got) == set(expected)
-    for key in expected:
-        error, moved = (got[key] - expected[key]).norm(), (expected[key] - start[key]).norm()
-        assert error <= 1e-5 * expected[key].norm() and error <= 1e-3 * moved, (key, error, moved)
-    ddp_loss = [r["loss"] for r in read_metrics(folder / "ddp") if "loss" in r]
-    hsdp_loss = [r["loss"] for r in read_metrics(folder / "hsdp") if "loss" in r]
-    assert hsdp_loss == pytest.approx(ddp_loss, rel=1e-5)
+    assert_ends_with_the_ddp_weights(runs[name][0], "hsdp", tmp_path)
 
 
 def test_hsdp_resume_is_exact(runs, tmp_path):
