@@ -329,7 +329,15 @@ def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
     return NUMBER_BYTES + state_element_size(group, param) * (param.numel() + blocks)
 
 
+#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
+#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+RECIPES = {
+    "60m": {"lr": 0.005},
+    "130m": {"lr": 0.005},
+    "350m": {"lr": 0.005},
+    "1b": {"lr": 0.005},
+}
 SPEC = OptimizerSpec("adam_mini", build, OPTIONS, "Adam-mini: one second moment per block (head, row, token, tensor)",
                      default_eps=1e-8, from_groups=AdamMini, state_bytes=param_state_bytes,
                      scratch_bytes=scratch.adam_mini, smoke_lr=3e-3, smoke_flags={"lr": 0.003},
-                     published={ADAM_MINI_PAPER_67M: 29.01})
+                     recipes=RECIPES, published={ADAM_MINI_PAPER_67M: 29.01})

@@ -162,6 +162,11 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     return optimizer_class()(groups, lr=lr, weight_decay=weight_decay, **options)
 
 
+#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
+#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+RECIPES = {
+    "7b": {"lr": 0.005},
+}
 SPEC = OptimizerSpec(
     "adamw8bit", build, OPTIONS, "bitsandbytes' 8-bit AdamW (optional dependency: pip install -e .[bnb])",
     default_eps=1e-8, states_follow_weights=True,  # bitsandbytes' 8-bit codes
@@ -171,4 +176,5 @@ SPEC = OptimizerSpec(
              "fsdp": "bitsandbytes' 8-bit states do not shard as DTensors"},
     smoke_lr=3e-3, smoke_flags={"lr": 0.003},
     requires=("bitsandbytes",),
+    recipes=RECIPES,
 )

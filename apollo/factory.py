@@ -152,6 +152,49 @@ GALORE_SCALE = Flag("galore_scale", float, "GaLore update scale (default 0.25)",
 
 _APOLLO_FLAGS = (RANK, UPDATE_PROJ_GAP, PROJ, PROJ_TYPE, SCALE_TYPE, APOLLO_SCALE, SCALE_FRONT)
 
+#: The published recipes' settings of the optimizers built here, by model size (PROTOCOL.md): their own flags
+#: and lr (OptimizerSpec.recipes; scripts/benchmark_c4 carries them).
+RECIPES = {
+    "adamw": {
+        "60m": {"lr": 0.005},
+        "130m": {"lr": 0.005},
+        "350m": {"lr": 0.005},
+        "1b": {"lr": 0.005},
+        "7b": {"lr": 0.01},
+    },
+    "apollo": {
+        "60m": {"rank": 128, "scale_type": "channel", "apollo_scale": 1, "proj": "random", "proj_type": "std",
+                "update_proj_gap": 200, "lr": 0.01},
+        "130m": {"rank": 192, "scale_type": "channel", "apollo_scale": 1, "proj": "random", "proj_type": "std",
+                 "update_proj_gap": 200, "lr": 0.01},
+        "350m": {"rank": 256, "scale_type": "channel", "apollo_scale": 1, "proj": "random", "proj_type": "std",
+                 "update_proj_gap": 200, "lr": 0.01},
+        "1b": {"rank": 256, "scale_type": "channel", "apollo_scale": 1, "proj": "random", "proj_type": "std",
+               "update_proj_gap": 200, "lr": 0.01},
+        "7b": {"rank": 256, "scale_type": "channel", "apollo_scale": 1, "proj": "random", "proj_type": "std",
+               "update_proj_gap": 200, "lr": 0.01},
+    },
+    "apollo_mini": {
+        "60m": {"rank": 1, "scale_type": "tensor", "apollo_scale": 128, "scale_front": True, "proj": "random",
+                "proj_type": "std", "update_proj_gap": 200, "lr": 0.01},
+        "130m": {"rank": 1, "scale_type": "tensor", "apollo_scale": 192, "scale_front": True, "proj": "random",
+                 "proj_type": "std", "update_proj_gap": 200, "lr": 0.01},
+        "350m": {"rank": 1, "scale_type": "tensor", "apollo_scale": 128, "proj": "random", "proj_type": "std",
+                 "update_proj_gap": 200, "lr": 0.01},
+        "1b": {"rank": 1, "scale_type": "tensor", "apollo_scale": 128, "proj": "random", "proj_type": "std",
+               "update_proj_gap": 200, "lr": 0.01},
+        "7b": {"rank": 1, "scale_type": "tensor", "apollo_scale": 128, "proj": "random", "proj_type": "std",
+               "update_proj_gap": 200, "lr": 0.01},
+    },
+    "galore": {
+        "60m": {"rank": 128, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
+        "130m": {"rank": 192, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
+        "350m": {"rank": 256, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
+        "1b": {"rank": 256, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
+        "7b": {"rank": 256, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
+    },
+}
+
 #: The specs of the optimizers this module builds (see apollo.spec).
 _LOW_RANK = dict(default_eps=1e-6, state_bytes=low_rank_state_bytes, scratch_bytes=scratch.low_rank_family,
                  fused_low_rank=True, refresh_option="update_proj_gap",
@@ -163,14 +206,17 @@ SPECS = (
                   from_groups=adamw_from_groups, state_bytes=torch_adamw_state_bytes, scratch_bytes=scratch.adamw,
                   torch_adamw_groups=lambda group: True,
                   smoke_lr=3e-3, smoke_flags={"lr": 0.003},
+                  recipes=RECIPES["adamw"],
                   published={APOLLO_PAPER_60M: 34.06, SCALE_RUNS_60M: 30.05, ADAM_MINI_PAPER_67M: 29.32}),
     OptimizerSpec("apollo", partial(build_low_rank, "apollo"), LOWRANK_OPTIONS["apollo"],
                   "APOLLO: random rank-r projection, channel-wise scaling of the raw gradient",
                   aliases=("apollo_adamw",), cli_flags=_APOLLO_FLAGS, from_groups=APOLLO,
+                  recipes=RECIPES["apollo"],
                   published={APOLLO_PAPER_60M: 31.55, SCALE_RUNS_60M: 30.94}, **_LOW_RANK),
     OptimizerSpec("apollo_mini", partial(build_low_rank, "apollo_mini"), LOWRANK_OPTIONS["apollo"],
                   "APOLLO-Mini: rank 1, tensor-wise scaling, scale 128", cli_flags=_APOLLO_FLAGS,
                   flag_help={"rank": "default 1"}, from_groups=APOLLO,
+                  recipes=RECIPES["apollo_mini"],
                   published={APOLLO_PAPER_60M: 31.93, SCALE_RUNS_60M: 31.85},
                   **{**_LOW_RANK, "smoke_options": {"update_proj_gap": 2}, "smoke_flags": {"update_proj_gap": 2}}),
     OptimizerSpec("apollo_svd", partial(build_low_rank, "apollo_svd"), LOWRANK_OPTIONS["apollo"],
@@ -179,5 +225,6 @@ SPECS = (
     OptimizerSpec("galore", partial(build_low_rank, "galore"), LOWRANK_OPTIONS["galore"],
                   "GaLore: Adam in an SVD subspace, projected back", aliases=("galore_adamw",),
                   cli_flags=(RANK, UPDATE_PROJ_GAP, PROJ_TYPE, GALORE_SCALE), from_groups=GaLore,
+                  recipes=RECIPES["galore"],
                   published={APOLLO_PAPER_60M: 34.88, SCALE_RUNS_60M: 34.58}, **_LOW_RANK),
 )

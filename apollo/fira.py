@@ -256,6 +256,14 @@ FIRA_PAPER_FORM = Flag("fira_paper_form", bool, "Fira: the paper's residual phi 
                        default=False)
 
 
+#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
+#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+RECIPES = {
+    "60m": {"rank": 128, "update_proj_gap": 200, "fira_alpha": 0.25, "lr": 0.01},
+    "130m": {"rank": 256, "update_proj_gap": 200, "fira_alpha": 0.25, "lr": 0.01},
+    "350m": {"rank": 256, "update_proj_gap": 200, "fira_alpha": 0.25, "lr": 0.01},
+    "1b": {"rank": 512, "update_proj_gap": 200, "fira_alpha": 0.0625, "lr": 0.01},
+}
 SPEC = OptimizerSpec(
     "fira", build, OPTIONS, "Fira: GaLore + the norm-scaled residual outside the subspace, limiter on the residual",
     aliases=("fira_adamw",), from_groups=Fira, state_bytes=low_rank_state_bytes, scratch_bytes=scratch.fira,
@@ -263,4 +271,5 @@ SPEC = OptimizerSpec(
     smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2, "fira_alpha": 0.25},
     published={APOLLO_PAPER_60M: 31.06, SCALE_RUNS_60M: 30.34},
     refresh_option="update_proj_gap",
+    recipes=RECIPES,
 )

@@ -378,6 +378,14 @@ def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
                        factored=group["factorize_second_moment"], state_bytes_per_number=state_element_size(group, param))
 
 
+#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
+#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+RECIPES = {
+    "60m": {"rank": 128, "update_proj_gap": 1000, "beta1": 0.9, "lr": 0.01},
+    "130m": {"rank": 256, "update_proj_gap": 1000, "beta1": 0.9, "lr": 0.01},
+    "350m": {"rank": 256, "update_proj_gap": 1000, "beta1": 0.9, "lr": 0.01},
+    "1b": {"rank": 512, "update_proj_gap": 1000, "beta1": 0.9, "lr": 0.01},
+}
 SPEC = OptimizerSpec(
     "flora", build, OPTIONS,
     "Flora: Adafactor with its momentum in a seeded random rank-r subspace, re-drawn every kappa steps",
@@ -391,4 +399,5 @@ SPEC = OptimizerSpec(
     smoke_lr=1e-2, smoke_options={"rank": 16, "update_proj_gap": 2, "scale_parameter": False},
     smoke_flags={"rank": 4, "update_proj_gap": 2},
     refresh_option="update_proj_gap",
+    recipes=RECIPES,
 )

@@ -301,6 +301,12 @@ def scratch_bytes(param: torch.Tensor, group: dict, *, name: str, p: int, device
     return max(low_rank_scratch(param, group, p=p, device=device).values())
 
 
+#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
+#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+RECIPES = {
+    "60m": {"rank": 128, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
+    "7b": {"rank": 1024, "update_proj_gap": 500, "galore_scale": 0.25, "lr": 0.005},
+}
 SPEC = OptimizerSpec(
     NAME, build, OPTIONS,
     "8-bit GaLore: GaLore's SVD projection, bitsandbytes' 8-bit block-wise Adam in the subspace "
@@ -314,4 +320,5 @@ SPEC = OptimizerSpec(
     smoke_lr=1e-2, smoke_options={"rank": 4, "update_proj_gap": 2}, smoke_flags={"rank": 4, "update_proj_gap": 2},
     requires=("bitsandbytes",),
     refresh_option="update_proj_gap",
+    recipes=RECIPES,
 )

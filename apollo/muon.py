@@ -363,6 +363,14 @@ def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
     return torch_adamw_state_bytes(param, group)
 
 
+#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
+#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+RECIPES = {
+    "60m": {"lr": 0.016, "adam_lr": 0.0032, "muon_momentum": 0.95, "weight_decay": 0.1},
+    "130m": {"lr": 0.012, "adam_lr": 0.0024, "muon_momentum": 0.95, "weight_decay": 0.1},
+    "350m": {"lr": 0.008, "adam_lr": 0.0016, "muon_momentum": 0.95, "weight_decay": 0.1},
+    "1b": {"lr": 0.004, "adam_lr": 0.0012, "muon_momentum": 0.95, "weight_decay": 0.1},
+}
 SPEC = OptimizerSpec(
     "muon", build, OPTIONS,
     "torch.optim.Muon on the decoder matrices + torch.optim.AdamW on embeddings, lm_head, norms",
@@ -374,4 +382,5 @@ SPEC = OptimizerSpec(
     refuses={"weight_quant": "Newton-Schulz on re-quantised int8 weights is not a published method"},
     smoke_lr=0.02, smoke_options={"adam_lr": 3e-3}, smoke_flags={"lr": 0.02, "adam_lr": 0.003},
     published={SCALE_RUNS_60M: 28.86},
+    recipes=RECIPES,
 )

@@ -324,6 +324,15 @@ def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
     return {"column_norm": 0, "momentum_column_norm": s * n, "adamw": NUMBER_BYTES + 2 * s * n}[group["rule"]]
 
 
+#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
+#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+RECIPES = {
+    "60m": {"lr": 0.001, "adam_lr": 0.02, "scale_momentum": 0.9, "scale_norm": "rms", "num_training_steps": 11000},
+    "130m": {"lr": 0.001, "adam_lr": 0.02, "scale_momentum": 0.9, "scale_norm": "rms"},
+    "350m": {"lr": 0.001, "adam_lr": 0.02, "scale_momentum": 0.9, "scale_norm": "rms"},
+    "1b": {"lr": 0.0002, "adam_lr": 0.001, "scale_momentum": 0.9, "scale_norm": "rms"},
+    "7b": {"lr": 0.0001, "adam_lr": 0.001, "scale_momentum": 0.9, "scale_norm": "rms"},
+}
 SPEC = OptimizerSpec(
     "scale", build, OPTIONS, "SCALE: column-normalised SGD, lm_head momentum, AdamW for the norms (no state per matrix)",
     aliases=("scale_sgd",), from_groups=SCALE, state_bytes=param_state_bytes, scratch_bytes=scratch.scale,
@@ -331,4 +340,5 @@ SPEC = OptimizerSpec(
     flag_help={"adam_lr": "the norms, default 0.02 (published 60M-350M; 1e-3 at 1B/7B)"},
     smoke_options={"adam_lr": 1e-2}, smoke_flags={"lr": 0.003, "adam_lr": 0.01},
     published={SCALE_RUNS_60M: 30.81},
+    recipes=RECIPES,
 )

@@ -17,6 +17,8 @@ import torch
 
 #: The memory/parallel modes a spec can refuse (TrainConfig fields of the same name).
 MODES = ("weight_quant", "layerwise", "fsdp")
+#: The training flags besides its own that an optimizer's recipe may set (see OptimizerSpec.recipes).
+RECIPE_TRAINING_FLAGS = ("lr", "rank", "beta1", "beta2", "eps", "weight_decay", "num_training_steps")
 STANDARD_BETAS = (0.9, 0.999)
 
 #: The sources of published results a spec's ``published`` cites: one label per paper/repository and setting
@@ -105,6 +107,9 @@ class OptimizerSpec:
     refresh_option: the option that sets how many updates pass between refreshes of its projection or basis
     (``update_proj_gap``, SOAP's ``precondition_frequency``; 1 makes every step a refresh step), None when it
     has no periodic refresh: the benchmarks time a refresh step apart for the optimizers that have one.
+    recipes: model size ("60m", ..., "7b") -> the training CLI flags (name -> value) of its published recipe there:
+    the optimizer's own flags and lr, a step count or weight decay only where they differ from PROTOCOL.md's
+    (scripts/benchmark_c4/llama_<size>_<name or alias>.sh carries them; tests/train/test_recipes.py checks it).
     """
 
     name: str
@@ -131,6 +136,7 @@ class OptimizerSpec:
     requires: tuple[str, ...] = ()
     published: Mapping[str, float] = field(default_factory=dict)
     refresh_option: str | None = None
+    recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", frozenset(self.options))
@@ -143,6 +149,7 @@ class OptimizerSpec:
         object.__setattr__(self, "smoke_options", _frozen(self.smoke_options))
         object.__setattr__(self, "smoke_flags", _frozen(self.smoke_flags))
         object.__setattr__(self, "published", _frozen(self.published))
+        object.__setattr__(self, "recipes", _frozen({size: _frozen(flags) for size, flags in self.recipes.items()}))
         unknown_modes = sorted(set(self.refuses) - set(MODES))
         if unknown_modes:
             raise ValueError(f"OptimizerSpec {self.name!r}: unknown mode(s) {unknown_modes}; modes are {MODES}")
@@ -151,6 +158,10 @@ class OptimizerSpec:
             raise ValueError(f"OptimizerSpec {self.name!r}: flags set option(s) {unknown_options} it does not take")
         if self.refresh_option is not None and self.refresh_option not in self.options:
             raise ValueError(f"OptimizerSpec {self.name!r}: refresh_option {self.refresh_option!r} is not among its options")
+        unknown_recipe_flags = sorted({flag for flags in self.recipes.values() for flag in flags}
+                                      - set(self.flags) - set(RECIPE_TRAINING_FLAGS))
+        if unknown_recipe_flags:
+            raise ValueError(f"OptimizerSpec {self.name!r}: recipes set flag(s) {unknown_recipe_flags} it does not take")
         unknown_smoke = sorted(set(self.smoke_options) - self.options)
         if unknown_smoke:
             raise ValueError(f"OptimizerSpec {self.name!r}: smoke_options {unknown_smoke} are not among its options")
