@@ -107,7 +107,9 @@ def fused_adamw(
 #: How the low-rank Adam moments and direction are computed, per device type: "foreach" (torch's
 #: multi-tensor ops, seven passes over the moments, bit-identical to the plain path) or "compiled"
 #: (`torch.compile` of the per-tensor update: one generated kernel reading R, M, V and writing M, V and
-#: the direction; equal to the plain path up to float round-off, the compiler contracts mul-adds).
+#: the direction; for APOLLO's channel scaling also the direction's and R's channel norms, the direction
+#: never stored; equal to the plain path up to float round-off, the compiler contracts mul-adds).
+#: `python -m train --compile_optimizer` sets "compiled" for the run's device.
 #: Timed side by side by `benchmarks/optimizer_step.py --compiled_elementwise` ("[compiled]" rows) and by
 #: benchmarks/gpu_check.py on a GPU; the default keeps foreach until "compiled" measures faster on a device.
 ELEMENTWISE = {"cpu": "foreach"}
@@ -123,6 +125,24 @@ def _adam_direction(r: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta1: fl
 _compiled_adam_direction = torch.compile(_adam_direction, dynamic=False)  # compiled on first use, per shape
 
 
+def _adam_channel_factor(r: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta1: float, beta2: float, eps: float,
+                         dim: int) -> torch.Tensor:
+    r"""`_adam_direction`, then APOLLO's channel factor :math:`s = \|\tilde R\|_{dim} / (\|R\|_{dim} + 10^{-8})`
+    from it (the direction is not returned: APOLLO scales G, it never applies the direction). Compiled, the
+    moments' update and both norms are one generated kernel that never stores the direction."""
+    direction = _adam_direction(r, m, v, beta1, beta2, eps)
+    return (torch.linalg.vector_norm(direction, dim=dim, keepdim=True)
+            / (torch.linalg.vector_norm(r, dim=dim, keepdim=True) + NORM_EPS))
+
+
+_compiled_adam_channel_factor = torch.compile(_adam_channel_factor, dynamic=False)
+
+
+def elementwise_mode(device: torch.device) -> str:
+    """"foreach" or "compiled": how the fused step updates the low-rank moments on `device` (:data:`ELEMENTWISE`)."""
+    return ELEMENTWISE.get(device.type, "foreach")
+
+
 def _low_rank_directions(
     projected: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
     *, beta1: float, beta2: float, eps: float,
@@ -132,7 +152,7 @@ def _low_rank_directions(
     foreach: the same operations in the same order as the plain path, so the moments are bit-identical to
     it; compiled (:data:`ELEMENTWISE`): one kernel per tensor, equal up to round-off.
     """
-    if projected and ELEMENTWISE.get(projected[0].device.type, "foreach") == "compiled":
+    if projected and elementwise_mode(projected[0].device) == "compiled":
         return [_compiled_adam_direction(r, m, v, beta1, beta2, eps) for r, m, v in zip(projected, exp_avgs, exp_avg_sqs)]
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, projected, alpha=1.0 - beta1)
@@ -267,8 +287,14 @@ def apollo_updates(
     sqrt_scale = math.sqrt(scale)
     projected, grad_norms = _project_chunk(grads, projs, sides, shards, [m.dtype for m in exp_avgs],
                                            grad_norms=scale_type)
-    directions = _low_rank_directions(projected, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=eps)
-    factors, norms = _scaling(projected, directions, grad_norms, sides, shards, scale_type=scale_type)
+    if scale_type == "channel" and projected and elementwise_mode(projected[0].device) == "compiled":
+        # one kernel per weight: moments, direction norms, R norms (a channel factor is local to this rank)
+        factors = [_compiled_adam_channel_factor(r, m, v, beta1, beta2, eps, channel_dim(side))
+                   for r, m, v, side in zip(projected, exp_avgs, exp_avg_sqs, sides)]
+        norms = _channel_scaled_norms(factors, grad_norms, sides, shards)
+    else:
+        directions = _low_rank_directions(projected, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=eps)
+        factors, norms = _scaling(projected, directions, grad_norms, sides, shards, scale_type=scale_type)
     # The scalars of the whole chunk at once: step sizes, limiter, new limiter norms.
     sizes = [-bias_corrected_step_size(lr, beta1, beta2, t) * sqrt_scale for t in steps]
     if all(size == sizes[0] for size in sizes):  # the usual case: a fill, no copy from the host (no sync on a GPU)
@@ -323,9 +349,16 @@ def _scaling(projected, directions, grad_norms, sides, shards, *, scale_type: st
     for r, direction, side in zip(projected, directions, sides):
         dim = channel_dim(side)
         factors.append(_norms(direction, dim, direction.dtype) / (_norms(r, dim, r.dtype) + NORM_EPS))
+    return factors, _channel_scaled_norms(factors, grad_norms, sides, shards)
+
+
+def _channel_scaled_norms(factors, grad_norms, sides, shards) -> torch.Tensor:
+    r""":math:`q = \|s \odot G\|_F = \sqrt{\sum_j s_j^2 \|G_{[j]}\|^2}` per weight from its channel factors and G's
+    channel norms, as a vector; over a row-sharded weight summed as squares across ranks."""
+    norm_dtype = grad_norms[0].dtype
     norms = torch.stack([torch.linalg.vector_norm(factor.to(norm_dtype) * grad_norm)
                          for factor, grad_norm in zip(factors, grad_norms)])
-    return factors, _norms_over_ranks(norms[:, None], sides, shards, whole_if_left=0)[:, 0]
+    return _norms_over_ranks(norms[:, None], sides, shards, whole_if_left=0)[:, 0]
 
 
 def _norms_over_ranks(norms: torch.Tensor, sides, shards, *, whole_if_left: int) -> torch.Tensor:

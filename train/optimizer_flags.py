@@ -91,6 +91,13 @@ def check_modes(config: Any) -> str | None:
     for mode, refusals in MODES.items():
         if getattr(config, mode) and config.optimizer in refusals:
             return f"--{mode} does not work with --optimizer {config.optimizer}: {refusals[config.optimizer]}"
+    if getattr(config, "compile_optimizer", False):
+        if not apollo.get_spec(config.optimizer).fused_low_rank:
+            fused = [name for name in apollo.optimizer_names() if apollo.get_spec(name).fused_low_rank]
+            return (f"--compile_optimizer compiles the fused low-rank step of {', '.join(fused)}; "
+                    f"--optimizer {config.optimizer} has none")
+        if config.weight_quant:
+            return "--compile_optimizer does not combine with --weight_quant: int8 weights take the plain step"
     return None
 
 
