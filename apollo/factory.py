@@ -152,47 +152,21 @@ GALORE_SCALE = Flag("galore_scale", float, "GaLore update scale (default 0.25)",
 
 _APOLLO_FLAGS = (RANK, UPDATE_PROJ_GAP, PROJ, PROJ_TYPE, SCALE_TYPE, APOLLO_SCALE, SCALE_FRONT)
 
+#: PROTOCOL.md's rank for APOLLO and GaLore by model size, and the projection settings every recipe shares.
+_RECIPE_RANKS = {"60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}
+_RECIPE_PROJECTION = {"proj": "random", "proj_type": "std", "update_proj_gap": 200, "lr": 0.01}
 #: The published recipes' settings of the optimizers built here, by model size (PROTOCOL.md): their own flags
-#: and lr (OptimizerSpec.recipes; scripts/benchmark_c4 carries them).
+#: and lr (OptimizerSpec.recipes; scripts/benchmark_c4 carries them). APOLLO-Mini's 60M and 130M runs put the
+#: scale before the limiter, and its 130M run uses scale 192.
 RECIPES = {
-    "adamw": {
-        "60m": {"lr": 0.005},
-        "130m": {"lr": 0.005},
-        "350m": {"lr": 0.005},
-        "1b": {"lr": 0.005},
-        "7b": {"lr": 0.01},
-    },
-    "apollo": {
-        "60m": {"rank": 128, "scale_type": "channel", "apollo_scale": 1, "proj": "random", "proj_type": "std",
-                "update_proj_gap": 200, "lr": 0.01},
-        "130m": {"rank": 192, "scale_type": "channel", "apollo_scale": 1, "proj": "random", "proj_type": "std",
-                 "update_proj_gap": 200, "lr": 0.01},
-        "350m": {"rank": 256, "scale_type": "channel", "apollo_scale": 1, "proj": "random", "proj_type": "std",
-                 "update_proj_gap": 200, "lr": 0.01},
-        "1b": {"rank": 256, "scale_type": "channel", "apollo_scale": 1, "proj": "random", "proj_type": "std",
-               "update_proj_gap": 200, "lr": 0.01},
-        "7b": {"rank": 256, "scale_type": "channel", "apollo_scale": 1, "proj": "random", "proj_type": "std",
-               "update_proj_gap": 200, "lr": 0.01},
-    },
-    "apollo_mini": {
-        "60m": {"rank": 1, "scale_type": "tensor", "apollo_scale": 128, "scale_front": True, "proj": "random",
-                "proj_type": "std", "update_proj_gap": 200, "lr": 0.01},
-        "130m": {"rank": 1, "scale_type": "tensor", "apollo_scale": 192, "scale_front": True, "proj": "random",
-                 "proj_type": "std", "update_proj_gap": 200, "lr": 0.01},
-        "350m": {"rank": 1, "scale_type": "tensor", "apollo_scale": 128, "proj": "random", "proj_type": "std",
-                 "update_proj_gap": 200, "lr": 0.01},
-        "1b": {"rank": 1, "scale_type": "tensor", "apollo_scale": 128, "proj": "random", "proj_type": "std",
-               "update_proj_gap": 200, "lr": 0.01},
-        "7b": {"rank": 1, "scale_type": "tensor", "apollo_scale": 128, "proj": "random", "proj_type": "std",
-               "update_proj_gap": 200, "lr": 0.01},
-    },
-    "galore": {
-        "60m": {"rank": 128, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
-        "130m": {"rank": 192, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
-        "350m": {"rank": 256, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
-        "1b": {"rank": 256, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
-        "7b": {"rank": 256, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
-    },
+    "adamw": {**{size: {"lr": 0.005} for size in _RECIPE_RANKS}, "7b": {"lr": 0.01}},
+    "apollo": {size: {"rank": rank, "scale_type": "channel", "apollo_scale": 1, **_RECIPE_PROJECTION}
+               for size, rank in _RECIPE_RANKS.items()},
+    "apollo_mini": {size: {"rank": 1, "scale_type": "tensor", "apollo_scale": 192 if size == "130m" else 128,
+                           **({"scale_front": True} if size in ("60m", "130m") else {}), **_RECIPE_PROJECTION}
+                    for size in _RECIPE_RANKS},
+    "galore": {size: {"rank": rank, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01}
+               for size, rank in _RECIPE_RANKS.items()},
 }
 
 #: The specs of the optimizers this module builds (see apollo.spec).
