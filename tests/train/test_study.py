@@ -531,6 +531,7 @@ def test_table2_rows_spec_plans_the_papers_rows(tmp_path, c4_dir, monkeypatch):
     planned, pending = study.plan(load_spec(spec_path), lambda run: False)
     runs = {run.name: parse_flags(run.flags) for run in planned["rows"]}
     assert len(runs) == 7 * 3 and pending["rows"].startswith("up to 2 more lrs per optimizer")
+    assert pending["seed"].startswith("7 runs chosen from stage rows")  # each row's best again at seed 1
     rows = {name.split("-")[2] for name in runs}
     assert rows == {"adamw", "galore", "galore_adamw8bit", "apollo", "low_rank", "lora", "relora"}
     for name, flags in runs.items():
