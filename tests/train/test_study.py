@@ -540,3 +540,27 @@ def test_table2_rows_spec_plans_the_papers_rows(tmp_path, c4_dir, monkeypatch):
         assert flags.get("--adapter") == adapter, name
         assert flags["--optimizer"] == ("adamw" if adapter else row), name
         assert (flags.get("--relora_cycles") == "3") == (row == "relora"), name
+
+
+def test_a_run_saved_before_a_flag_existed_is_the_same_configuration(tmp_path):
+    """A seed-0 run whose config.json predates a TrainConfig field (no key) and a seed-1 run that saved the field
+    at its default are one configuration of two seeds, not two (issue 27's study met it with --compile_optimizer)."""
+    spec = load_spec(write_spec(tmp_path, optimizers="""[optimizers.adamw]
+lr = [0.002]""", stages="""[[stages]]
+name = "one"
+budgets = [640]
+[[stages]]
+name = "again"
+from = "one"
+seeds = [1]"""))
+    first, = study.plan(spec, lambda run: True)[0]["one"]
+    fake_result(first, 5.0)
+    config = json.loads((first.directory / "config.json").read_text())
+    del config["compile_optimizer"]  # as saved before the flag existed
+    (first.directory / "config.json").write_text(json.dumps(config))
+    second, = study.plan(spec, lambda run: True)[0]["again"]
+    fake_result(second, 5.2)
+    results = study_report.load_results(spec.out / "runs")
+    assert len(results) == 2 and results[0].settings == results[1].settings
+    report = study_report.write_report(spec.out, memory_device="cpu").read_text()
+    assert "| adamw | lr 0.002 | 2 | 5.1000 |" in report

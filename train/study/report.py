@@ -26,6 +26,7 @@ Every number computed from these runs is "measured"; the published perplexities 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -39,8 +40,11 @@ import apollo
 from apollo.registry import RegistryView
 from train.adapters import choice as adapter_choice, row_label
 from train.compare import RunError, load_run, smooth
+from train.config import TrainConfig
 from train.study.fit import PowerLawFit, fit_power_law
 
+#: every TrainConfig field's default: what a saved config that predates a field ran with
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 #: config keys that do not make a configuration (seeds are averaged over; the rest is naming and logging)
 IGNORED = frozenset({"seed", "data_seed", "save_dir", "name", "continue_from", "wandb", "project", "entity",
                      "workers", "dry_run", "log_every", "eval_every", "save_every", "keep_last", "eval_batch_size",
@@ -110,7 +114,9 @@ def load_result(directory: str | Path) -> Result | None:
     final = next((values for step, values in run.eval_metrics if step == steps), None)
     curve = [(tokens, values.get("eval/loss", math.log(ppl)))
              for (tokens, ppl), (_, values) in zip(run.evals, run.eval_metrics)]
-    return Result(directory, run.config, final, curve, run.train, run.state_bytes, run.tokens_per_second)
+    # a run saved before a flag existed ran with its default: the same configuration as a newer run that left it
+    config = {**_TRAIN_DEFAULTS, **run.config}
+    return Result(directory, config, final, curve, run.train, run.state_bytes, run.tokens_per_second)
 
 
 def load_results(runs_dir: str | Path) -> list[Result]:
