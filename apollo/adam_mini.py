@@ -329,8 +329,7 @@ def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
     return NUMBER_BYTES + state_element_size(group, param) * (param.numel() + blocks)
 
 
-#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
-#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+#: Its published recipes' settings by model size (see OptimizerSpec.recipes).
 RECIPES = {
     "60m": {"lr": 0.005},
     "130m": {"lr": 0.005},

@@ -162,8 +162,7 @@ def build(model: nn.Module, lr: float, weight_decay: float = 0.0, **options: Any
     return optimizer_class()(groups, lr=lr, weight_decay=weight_decay, **options)
 
 
-#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
-#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+#: Its published recipes' settings by model size (see OptimizerSpec.recipes).
 RECIPES = {
     "7b": {"lr": 0.005},
 }

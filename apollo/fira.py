@@ -256,8 +256,7 @@ FIRA_PAPER_FORM = Flag("fira_paper_form", bool, "Fira: the paper's residual phi 
                        default=False)
 
 
-#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
-#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+#: Its published recipes' settings by model size (see OptimizerSpec.recipes).
 RECIPES = {
     "60m": {"rank": 128, "update_proj_gap": 200, "fira_alpha": 0.25, "lr": 0.01},
     "130m": {"rank": 256, "update_proj_gap": 200, "fira_alpha": 0.25, "lr": 0.01},

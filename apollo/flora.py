@@ -378,8 +378,7 @@ def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
                        factored=group["factorize_second_moment"], state_bytes_per_number=state_element_size(group, param))
 
 
-#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
-#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+#: Its published recipes' settings by model size (see OptimizerSpec.recipes).
 RECIPES = {
     "60m": {"rank": 128, "update_proj_gap": 1000, "beta1": 0.9, "lr": 0.01},
     "130m": {"rank": 256, "update_proj_gap": 1000, "beta1": 0.9, "lr": 0.01},

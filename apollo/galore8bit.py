@@ -301,8 +301,7 @@ def scratch_bytes(param: torch.Tensor, group: dict, *, name: str, p: int, device
     return max(low_rank_scratch(param, group, p=p, device=device).values())
 
 
-#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
-#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+#: Its published recipes' settings by model size (see OptimizerSpec.recipes).
 RECIPES = {
     "60m": {"rank": 128, "update_proj_gap": 200, "galore_scale": 0.25, "lr": 0.01},
     "7b": {"rank": 1024, "update_proj_gap": 500, "galore_scale": 0.25, "lr": 0.005},

@@ -363,8 +363,7 @@ def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
     return torch_adamw_state_bytes(param, group)
 
 
-#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
-#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+#: Its published recipes' settings by model size (see OptimizerSpec.recipes).
 RECIPES = {
     "60m": {"lr": 0.016, "adam_lr": 0.0032, "muon_momentum": 0.95, "weight_decay": 0.1},
     "130m": {"lr": 0.012, "adam_lr": 0.0024, "muon_momentum": 0.95, "weight_decay": 0.1},

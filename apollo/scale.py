@@ -324,8 +324,7 @@ def param_state_bytes(param: torch.Tensor, group: dict[str, Any]) -> int:
     return {"column_norm": 0, "momentum_column_norm": s * n, "adamw": NUMBER_BYTES + 2 * s * n}[group["rule"]]
 
 
-#: Its published recipes' settings by model size (PROTOCOL.md / PEERS.md): the optimizer's own flags and lr, a
-#: step count or weight decay only where they differ from the protocol's (OptimizerSpec.recipes).
+#: Its published recipes' settings by model size (see OptimizerSpec.recipes).
 RECIPES = {
     "60m": {"lr": 0.001, "adam_lr": 0.02, "scale_momentum": 0.9, "scale_norm": "rms", "num_training_steps": 11000},
     "130m": {"lr": 0.001, "adam_lr": 0.02, "scale_momentum": 0.9, "scale_norm": "rms"},

@@ -23,7 +23,8 @@ reads them through the registry and refuses an optimizer without one. Torch only
                AdamW s n (sqrt v) + s n when casting.
                Muon (torch.optim.Muon): Nesterov's U (p n), then Newton-Schulz in bfloat16 on the
                matrix transposed to k x max(m, n): X (2 n) and at its worst the next X beside A, B
-               (k x k each): max(2 n + 6 k^2, 4 n + 4 k^2), + the matmuls' buffers (`newton_schulz_buffers`); the AdamW part as torch AdamW.
+               (k x k each): max(2 n + 6 k^2, 4 n + 4 k^2), + the matmuls' buffers
+               (`newton_schulz_buffers`); the AdamW part as torch AdamW.
                Adam-mini: a block's mean square is a norm (a half-precision gradient read in float32:
                4 n), the denominator per block (2 s n only for elementwise blocks).
                SOAP (per m x n, w = 4 the compute bytes): the state in float32 when kept in bf16
@@ -161,7 +162,8 @@ def soap(param: torch.Tensor, group: dict, *, name: str, p: int, device: str) ->
     # a basis refresh: m in the weight basis (w m n) beside the power step L Q, its reordering, QR's Q and R
     # (4-5 w k^2 measured), the other side's new basis while the second is made; then m rotated back
     if len(sides) == 2:  # 4.4-4.65 w k^2 measured for k = 300-1000 beside a 128 side: the larger constant
-        refresh = int(1.8 * w * n) + max(int(4.7 * w * sides[0] ** 2), int(4.7 * w * sides[1] ** 2) + w * sides[0] ** 2)
+        refresh = int(1.8 * w * n) + max(int(4.7 * w * sides[0] ** 2),
+                                         int(4.7 * w * sides[1] ** 2) + w * sides[0] ** 2)
     else:
         refresh = w * n + 5 * w * max(sides, default=0) ** 2
     return held + max(direction, statistics, refresh, (1 + len(sides)) * w * n)
@@ -181,7 +183,8 @@ def fused_low_rank(param: torch.Tensor, group: dict, *, name: str, p: int,
 
     (P held, P transient) while the chunk's projections are made: a random P not stored (p |P|), drawn in
     float32 and cast (+ 4 |P|), or on the CPU G's column norms for channel scaling of a left-projected G
-    (a float32 block of rows squared, 4 b cols with b = min(m, 2^19 / cols), + its float32 copy); an SVD P is state, its refresh takes 4 (n + m k + k n) (+ 4 n to cast);
+    (a float32 block of rows squared, 4 b cols with b = min(m, 2^19 / cols), + its float32 copy); an SVD
+    P is state, its refresh takes 4 (n + m k + k n) (+ 4 n to cast);
     (held, held without R, transient) while the chunk is updated: P, R cast to the state dtype and the
     normalised direction (s |R| each); GaLore frees R before it back-projects one weight at a time
     (p n, + p |R| to cast the direction). On the CPU, half-precision matmuls run in float32

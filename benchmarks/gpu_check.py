@@ -282,7 +282,7 @@ def optimizer_step(device: torch.device, size: str, updates: int) -> list[dict]:
     # The rows of the APOLLO paper's Table 7 at its settings (a published comparison this section reproduces, not
     # facts about the optimizers): the AdamW baseline, APOLLO and GaLore at rank r, APOLLO-Mini at its rank 1.
     table_7 = {apollo.BASELINE: {}, "apollo": {"rank": rank}, "apollo_mini": {}, "galore": {"rank": rank}}
-    default_mode = fused.ELEMENTWISE.get(device.type, "foreach")
+    default_mode = fused.elementwise_mode(device)
     for name, options in table_7.items():
         spec = apollo.get_spec(name)
         refreshes = spec.refresh_option is not None
