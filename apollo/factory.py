@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Options each optimizer understands; anything else is a mistake worth an error.
-_OPTIMIZER_KEYS = {"betas", "eps", "state_dtype", "store_projection", "fused"}
+_OPTIMIZER_KEYS = {"betas", "eps", "state_dtype", "store_projection", "fused", "elementwise"}
 _LOWRANK_KEYS = {
     "apollo": {"rank", "update_proj_gap", "proj", "proj_type", "scale_type", "scale", "scale_front",
                "norm_growth_limiter", "norm_growth_gamma", "target_modules"},
@@ -104,7 +104,8 @@ def build_low_rank(preset: str, model: nn.Module, lr: float, weight_decay: float
                    **options: Any) -> torch.optim.Optimizer:
     """APOLLO (apollo, apollo_mini, apollo_svd) or GaLore (galore) with `preset`'s settings under `options`.
 
-    options (None means "the preset's value"): betas, eps, state_dtype, store_projection, fused, and
+    options (None means "the preset's value"): betas, eps, state_dtype, store_projection, fused, elementwise
+    ("foreach" or "compiled": how the fused step computes the low-rank moments), and
     rank, update_proj_gap, proj_type, scale, target_modules; APOLLO variants also proj, scale_type,
     scale_front, norm_growth_limiter, norm_growth_gamma. `scale` is APOLLO's c (update multiplied by
     sqrt(c)) or GaLore's `galore_scale`.

@@ -104,14 +104,16 @@ def fused_adamw(
     )
 
 
-#: How the low-rank Adam moments and direction are computed, per device type: "foreach" (torch's
-#: multi-tensor ops, seven passes over the moments, bit-identical to the plain path) or "compiled"
-#: (`torch.compile` of the per-tensor update: one generated kernel reading R, M, V and writing M, V and
-#: the direction; for APOLLO's channel scaling also the direction's and R's channel norms, the direction
-#: never stored; equal to the plain path up to float round-off, the compiler contracts mul-adds).
-#: `python -m train --compile_optimizer` sets "compiled" for the run's device.
-#: Timed side by side by `benchmarks/optimizer_step.py --compiled_elementwise` ("[compiled]" rows) and by
-#: benchmarks/gpu_check.py on a GPU; the default keeps foreach until "compiled" measures faster on a device.
+#: The ways of computing the low-rank Adam moments and direction: "foreach" (torch's multi-tensor ops, seven
+#: passes over the moments, bit-identical to the plain path) or "compiled" (`torch.compile` of the
+#: per-tensor update: one generated kernel reading R, M, V and writing M, V and the direction; for APOLLO's
+#: channel scaling also the direction's and R's channel norms, the direction never stored; equal to the
+#: plain path up to float round-off, the compiler contracts mul-adds).
+ELEMENTWISE_MODES = ("foreach", "compiled")
+#: The default mode per device type, for an optimizer built without ``elementwise=`` (APOLLO/GaLore's
+#: option; `python -m train --compile_optimizer` passes "compiled"). Timed side by side by
+#: `benchmarks/optimizer_step.py --compiled_elementwise` ("[compiled]" rows) and by benchmarks/gpu_check.py
+#: on a GPU; foreach stays the default until "compiled" measures faster on a device.
 ELEMENTWISE = {"cpu": "foreach"}
 
 
@@ -138,21 +140,24 @@ def _adam_channel_factor(r: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta
 _compiled_adam_channel_factor = torch.compile(_adam_channel_factor, dynamic=False)
 
 
-def elementwise_mode(device: torch.device) -> str:
-    """"foreach" or "compiled": how the fused step updates the low-rank moments on `device` (:data:`ELEMENTWISE`)."""
+def elementwise_mode(device: torch.device, chosen: str | None = None) -> str:
+    """"foreach" or "compiled": how the fused step updates the low-rank moments on `device`: `chosen` (an
+    optimizer's ``elementwise`` option), else the device's default (:data:`ELEMENTWISE`)."""
+    if chosen is not None:
+        return chosen
     return ELEMENTWISE.get(device.type, "foreach")
 
 
 def _low_rank_directions(
     projected: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-    *, beta1: float, beta2: float, eps: float,
+    *, beta1: float, beta2: float, eps: float, mode: str = "foreach",
 ) -> list[torch.Tensor]:
     """`functional.adam_direction` over a list: moments updated in place, M / (sqrt(V) + eps) returned.
 
     foreach: the same operations in the same order as the plain path, so the moments are bit-identical to
-    it; compiled (:data:`ELEMENTWISE`): one kernel per tensor, equal up to round-off.
+    it; compiled (`mode`, :data:`ELEMENTWISE_MODES`): one kernel per tensor, equal up to round-off.
     """
-    if projected and elementwise_mode(projected[0].device) == "compiled":
+    if mode == "compiled":
         return [_compiled_adam_direction(r, m, v, beta1, beta2, eps) for r, m, v in zip(projected, exp_avgs, exp_avg_sqs)]
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, projected, alpha=1.0 - beta1)
@@ -206,9 +211,35 @@ def _project_chunk(grads, projs, sides, shards, dtypes, *, grad_norms: str | Non
             projected.append((shard.rows_of(proj).T @ grad).to(dtype))
             partial.append(index)
         else:
-            projected.append(project(grad, proj, side).to(dtype))
+            projected.append(_project(grad, proj, side).to(dtype))
     _all_reduce_many([projected[i] for i in partial], [shards[i] for i in partial])
     return projected, (norms if grad_norms else None)
+
+
+#: Gradient numbers from which a CPU rank-1 projection is split over the threads (`_project`); below it the
+#: split costs more than it saves.
+SPLIT_PRODUCT_MIN_ELEMENTS = 2**16
+
+
+def _project(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
+    r"""`projection.project`, with a float32/float64 rank-1 product on the CPU split over torch's threads.
+
+    A rank-1 projection is a matrix-vector product, and BLAS's (MKL's sgemv/dgemv) runs it on one thread
+    here: 12.0 ms for 24 float32 gradients of 2048 x 768, against 5.3 ms for the same product as a batch of
+    ``torch.get_num_threads()`` blocks of rows (``torch.bmm``, one block per thread; 2 threads). Right
+    (R = G p, (m, 1)): each block gives its own rows of R. Left (R = p^T G, (1, n)): the blocks' partial
+    products :math:`\sum_b p_b^T G_b` are added, the same sum in another order. bfloat16 keeps torch's own
+    product, already the faster one (5.2 against 7.8 ms).
+    """
+    blocks = torch.get_num_threads()
+    rows = grad.shape[0]
+    if (min(proj.shape) != 1 or grad.device.type != "cpu" or grad.dtype not in (torch.float32, torch.float64)
+            or blocks < 2 or rows % blocks or grad.numel() < SPLIT_PRODUCT_MIN_ELEMENTS or not grad.is_contiguous()):
+        return project(grad, proj, side)
+    grad_blocks = grad.view(blocks, rows // blocks, grad.shape[1])
+    if side == RIGHT:  # proj (1, n): every block of rows times the same p
+        return torch.bmm(grad_blocks, proj.T.expand(blocks, -1, -1)).view(rows, 1)
+    return torch.bmm(proj.reshape(blocks, 1, rows // blocks), grad_blocks).sum(0)  # proj (m, 1), split like G's rows
 
 
 def matmul_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -270,6 +301,7 @@ def apollo_updates(
     scale_front: bool,
     limiter_gamma: float | None,
     shards: list | None = None,
+    elementwise: str | None = None,
 ) -> list[torch.Tensor | None]:
     r"""`functional.apollo_update` for a list of low-rank weights; returns each limiter's new norm (None when off).
 
@@ -281,19 +313,22 @@ def apollo_updates(
 
     `shards`: a `sharded.RowShard` per weight (None: the whole matrix is here). The tensors are then this
     rank's rows (weights, grads; right-projected moments) or whole (left-projected moments); the norms
-    that span rows are summed over ranks as squares, one all-reduce per chunk.
+    that span rows are summed over ranks as squares, one all-reduce per chunk. `elementwise`: how the
+    low-rank moments are computed (:data:`ELEMENTWISE_MODES`; None: the device's default).
     """
     shards = shards or [None] * len(weights)
     sqrt_scale = math.sqrt(scale)
+    mode = elementwise_mode(weights[0].device, elementwise) if weights else "foreach"
     projected, grad_norms = _project_chunk(grads, projs, sides, shards, [m.dtype for m in exp_avgs],
                                            grad_norms=scale_type)
-    if scale_type == "channel" and projected and elementwise_mode(projected[0].device) == "compiled":
+    if scale_type == "channel" and mode == "compiled":
         # one kernel per weight: moments, direction norms, R norms (a channel factor is local to this rank)
         factors = [_compiled_adam_channel_factor(r, m, v, beta1, beta2, eps, channel_dim(side))
                    for r, m, v, side in zip(projected, exp_avgs, exp_avg_sqs, sides)]
         norms = _channel_scaled_norms(factors, grad_norms, sides, shards)
     else:
-        directions = _low_rank_directions(projected, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=eps)
+        directions = _low_rank_directions(projected, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=eps,
+                                          mode=mode)
         factors, norms = _scaling(projected, directions, grad_norms, sides, shards, scale_type=scale_type)
     # The scalars of the whole chunk at once: step sizes, limiter, new limiter norms.
     sizes = [-bias_corrected_step_size(lr, beta1, beta2, t) * sqrt_scale for t in steps]
@@ -398,16 +433,20 @@ def galore_updates(
     weight_decay: float,
     scale: float,
     shards: list | None = None,
+    elementwise: str | None = None,
 ) -> None:
     """`functional.galore_update` for a list of low-rank weights (bit-identical to it when unsharded).
 
     The back-projection is materialised and then added, as in the plain path: ``addmm_`` would save a pass
     over W but rounds differently, and the update would no longer lie exactly in span(P). A row-sharded
-    weight (`shards`, see `apollo_updates`) back-projects onto its own rows.
+    weight (`shards`, see `apollo_updates`) back-projects onto its own rows. `elementwise`: as in
+    `apollo_updates`.
     """
     shards = shards or [None] * len(weights)
+    mode = elementwise_mode(weights[0].device, elementwise) if weights else "foreach"
     projected, _ = _project_chunk(grads, projs, sides, shards, [m.dtype for m in exp_avgs])
-    directions = _low_rank_directions(projected, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=eps)
+    directions = _low_rank_directions(projected, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=eps,
+                                      mode=mode)
     del projected
     for i, direction in enumerate(directions):
         weight, proj, shard = weights[i], projs[i], shards[i]

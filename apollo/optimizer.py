@@ -2,7 +2,8 @@ r"""The optimizer classes: validation, parameter groups, lazily created state, a
 
 The math lives in `functional.py` (one tensor at a time, the readable definition) and `fused.py` (the same
 update over lists of tensors, fused; the default where it applies, ``fused=False`` forces the plain
-path); projections and seeds in `projection.py`. An int8 weight
+path; ``elementwise="compiled"`` compiles its low-rank moment update, ``fused.ELEMENTWISE_MODES``);
+projections and seeds in `projection.py`. An int8 weight
 (`quant.QuantLinear`) is updated through `quant.float_weight`: its ``float_grad`` is the gradient, a
 float32 copy is updated, then re-quantised; its state is float (the gradient's dtype by default).
 
@@ -97,6 +98,7 @@ class _LowRankAdam(BaseOptimizer):
         state_dtype: torch.dtype | str | None = None,
         store_projection: bool = False,
         fused: bool = True,
+        elementwise: str | None = None,
     ):
         check_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), wording="torch")
         defaults = dict(
@@ -107,8 +109,12 @@ class _LowRankAdam(BaseOptimizer):
             state_dtype=_state_dtype_name(state_dtype),
             store_projection=bool(store_projection),
         )
-        # Not a group key: it changes how the update is computed, not the update, and old state dicts lack it.
+        # Not group keys: they change how the update is computed, not the update, and old state dicts lack them.
         self.fused = bool(fused)
+        if elementwise is not None and elementwise not in FF.ELEMENTWISE_MODES:
+            raise ValueError(f"{type(self).__name__}: elementwise must be one of {FF.ELEMENTWISE_MODES} or None "
+                             f"(the device's default), got {elementwise!r}")
+        self.elementwise = elementwise
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -378,6 +384,7 @@ class APOLLO(_LowRankAdam):
             weight_decay=group["weight_decay"],
             scale_type=group["scale_type"], scale=group["scale"], scale_front=group["scale_front"],
             limiter_gamma=group["norm_growth_gamma"] if group["norm_growth_limiter"] else None,
+            elementwise=self.elementwise,
         )
         for state, new_norm in zip(states, new_norms):
             if new_norm is not None:
@@ -419,4 +426,5 @@ class GaLore(_LowRankAdam):
             weights, grads, projs, sides, exp_avgs, exp_avg_sqs, [s["step"] for s in states], shards=shards,
             lr=group["lr"], beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], scale=group["scale"],
+            elementwise=self.elementwise,
         )

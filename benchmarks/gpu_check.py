@@ -19,7 +19,7 @@ Writes `docs/gpu.md` (tables; `--out`) and a JSON of every figure (`--json`). Se
    (compiling) update's seconds and the graphs compiled after it;
 4. the optimizer step at 1B in the paper's Table 7 setting (seq 1024, batch 16; random gradients): ms of torch
    fused AdamW, APOLLO, APOLLO-Mini, GaLore and their projection refresh, as ratios to AdamW, and each low-rank
-   optimizer again with its elementwise moment update compiled (apollo.fused.ELEMENTWISE, "[compiled]" rows);
+   optimizer again with its elementwise moment update compiled (elementwise="compiled", "[compiled]" rows);
 5. memory: the 7B single-GPU recipe's code path (int8 weights, layer-wise APOLLO-Mini, bf16 states, micro-batch 1,
    synthetic ids) for 3 updates, its peak against 12 GB and the estimate; the largest LLaMA-1B micro-batch per
    optimizer (doubling until out of memory), as ratios to AdamW's.
@@ -45,7 +45,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import apollo  # noqa: E402
-from apollo import fused  # noqa: E402
 from apollo.layerwise import LayerwiseOptimizer  # noqa: E402
 from apollo.quant import quantize_model  # noqa: E402
 from train.memory import GB, estimate  # noqa: E402
@@ -282,12 +281,12 @@ def optimizer_step(device: torch.device, size: str, updates: int) -> list[dict]:
     # The rows of the APOLLO paper's Table 7 at its settings (a published comparison this section reproduces, not
     # facts about the optimizers): the AdamW baseline, APOLLO and GaLore at rank r, APOLLO-Mini at its rank 1.
     table_7 = {apollo.BASELINE: {}, "apollo": {"rank": rank}, "apollo_mini": {}, "galore": {"rank": rank}}
-    default_mode = fused.elementwise_mode(device)
     for name, options in table_7.items():
         spec = apollo.get_spec(name)
         refreshes = spec.refresh_option is not None
         for mode in ("default", "compiled") if spec.fused_low_rank else ("default",):
-            fused.ELEMENTWISE[device.type] = default_mode if mode == "default" else "compiled"
+            if mode == "compiled":
+                options = {**options, "elementwise": "compiled"}
             timings = {}
             for label, gap in (("step", 10**9), ("refresh", 1)):
                 if not refreshes and label == "refresh":
@@ -304,7 +303,6 @@ def optimizer_step(device: torch.device, size: str, updates: int) -> list[dict]:
                 del optimizer
             rows.append({"optimizer": name if mode == "default" else f"{name} [compiled]", "step_ms": timings["step"],
                          "refresh_ms": timings.get("refresh")})
-    fused.ELEMENTWISE[device.type] = default_mode
     adamw = rows[0]["step_ms"]
     for row in rows:
         row["vs_adamw"] = row["step_ms"] / adamw

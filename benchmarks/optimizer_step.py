@@ -154,16 +154,6 @@ def time_rounds(callables: dict, steps: int, warmup: int) -> dict[str, list[floa
     return times
 
 
-def _compiled_step(optimizer) -> None:
-    """One step with the low-rank moments' elementwise update compiled (apollo.fused.ELEMENTWISE), then the default back."""
-    default = fused.ELEMENTWISE.get("cpu", "foreach")
-    fused.ELEMENTWISE["cpu"] = "compiled"
-    try:
-        optimizer.step()
-    finally:
-        fused.ELEMENTWISE["cpu"] = default
-
-
 def state_mb(optimizer) -> float:
     return apollo.optimizer_state_bytes(optimizer) / 2**20
 
@@ -196,11 +186,10 @@ def benchmark(size: str, dtype: torch.dtype, steps: int, refresh_steps: int, row
     anchor_optimizers, anchor_failures = anchors.build_anchors(model, anchor_rows, rank, gap=10**9)
     normal.update(anchor_optimizers)
     steps_of = {name: optimizer.step for name, optimizer in normal.items()}
-    if compiled_elementwise:  # the APOLLO-family fused rows again, their moments' update compiled (fused.ELEMENTWISE)
-        makers = optimizers(model, rank, gap=10**9)
+    if compiled_elementwise:  # the APOLLO-family fused rows again, built with their moments' update compiled
         for name in [n for n in normal if n in FUSED_ROWS]:
-            normal[f"{name} [compiled]"] = makers[name]()
-            steps_of[f"{name} [compiled]"] = functools.partial(_compiled_step, normal[f"{name} [compiled]"])
+            normal[f"{name} [compiled]"] = _registered(name, model, rank, gap=10**9, elementwise="compiled")()
+            steps_of[f"{name} [compiled]"] = normal[f"{name} [compiled]"].step
     snapshot = [p.detach().clone() for p in model.parameters()]
     floor_parts = projection_floor(model, rank, dtype)
     timed = time_rounds({**steps_of, **floor_parts}, steps, warmup=warmup)
@@ -265,7 +254,7 @@ def main() -> None:
                              f"{', '.join(anchors.DEFAULT_ANCHORS)}; also {', '.join(set(anchors.ANCHORS) - set(anchors.DEFAULT_ANCHORS))})")
     parser.add_argument("--compiled_elementwise", action="store_true",
                         help="also time each chosen APOLLO/GaLore row with its moments' update compiled "
-                             "(apollo.fused.ELEMENTWISE 'compiled'), as '<row> [compiled]'")
+                             "(elementwise='compiled'), as '<row> [compiled]'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu_chunk_elements", type=int, default=None,
                         help="override apollo.fused.CPU_CHUNK_GRAD_ELEMENTS (gradient numbers per chunk on the CPU; "

@@ -30,7 +30,7 @@ from optimizer_step import RANKS, build_parameters  # noqa: E402
 # The functions timed (inclusive); phase_ms subtracts nested ones to give each phase's own time.
 TIMED = [
     (optimizer_module, "random_projection"),  # draw P
-    (fused, "project"),  # the projection matmuls
+    (fused, "_project"),  # the projection matmuls (split over the threads at rank 1 on the CPU)
     (fused, "_project_chunk"),  # G's norms + the matmuls
     (fused, "_low_rank_directions"),  # moments, M / (sqrt(V) + eps)
     (fused, "_scaling"),  # channel / tensor factors, ||s * G||
@@ -70,8 +70,8 @@ def phase_ms(optimizer, steps: int) -> dict[str, float]:
     get = lambda name: inclusive.get(name, 0.0)  # noqa: E731
     exclusive = {
         "draw P": get("random_projection"),
-        "projection matmuls": get("project"),
-        "G's norms": get("_project_chunk") - get("project"),
+        "projection matmuls": get("_project"),
+        "G's norms": get("_project_chunk") - get("_project"),
         "moments and direction": get("_low_rank_directions"),
         "scaling factors": get("_scaling"),
         "limiter, weight update, decay": get("apollo_updates") - get("_project_chunk") - get("_low_rank_directions")

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import apollo
-from apollo import fused
 from apollo.layerwise import LayerwiseOptimizer
 from apollo.quant import quantize_model
 from train.config import TrainConfig, optimizer_options
@@ -30,9 +29,7 @@ def quantize(model: nn.Module, config: TrainConfig) -> nn.Module:
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer | LayerwiseOptimizer:
     """The run's optimizer. Layer-wise: no lr_lambda, the loop sets every group's lr before each update as usual.
-    --compile_optimizer: the fused step's low-rank moments compiled on the weights' device (process-wide)."""
-    if config.compile_optimizer:
-        fused.ELEMENTWISE[next(model.parameters()).device.type] = "compiled"
+    --compile_optimizer: built with elementwise="compiled" (the fused step's low-rank moments compiled)."""
     if config.layerwise:
         return LayerwiseOptimizer(model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                                   **optimizer_options(config))

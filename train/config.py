@@ -179,7 +179,7 @@ class TrainConfig:
     compile: bool = option(False, "compile each decoder layer with torch.compile (inductor), after activation "
                                   "checkpointing and before FSDP2/DDP; graphs compiled after the first update are logged")
     compile_optimizer: bool = option(False, "the low-rank moments of the fused APOLLO/GaLore step in one compiled kernel "
-                                            "per weight (apollo.fused.ELEMENTWISE); equal up to float round-off")
+                                            "per weight (the optimizer's elementwise='compiled'); equal up to float round-off")
 
     # -- model-side adapters (LoRA, Low-Rank: train/adapters.py) ---------------------------------
     adapter: str = option("none", "train adapters instead of the attention/MLP weights: lora (W0 frozen at its init "

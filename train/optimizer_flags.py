@@ -114,4 +114,6 @@ def optimizer_options(config: Any) -> dict[str, Any]:
         value = getattr(config, flag)
         if value != defaults[flag]:
             options[option] = spec.flag_value(flag, value)
+    if getattr(config, "compile_optimizer", False):  # check_modes refused it for specs without the fused step
+        options["elementwise"] = "compiled"
     return {key: value for key, value in options.items() if value is not None}

@@ -32,11 +32,11 @@ def _params(dtype, values):
     return regular, matrices
 
 
-def _run(cls, lowrank, dtype, fused_path, steps=7, weight_decay=0.1, lr=0.02, values=None):
+def _run(cls, lowrank, dtype, fused_path, steps=7, weight_decay=0.1, lr=0.02, values=None, elementwise=None):
     values = values or dtype
     regular, matrices = _params(dtype, values)
     groups = [{"params": regular}, {"params": matrices, "update_proj_gap": 3, **lowrank}]
-    optimizer = cls(groups, lr=lr, weight_decay=weight_decay, fused=fused_path)
+    optimizer = cls(groups, lr=lr, weight_decay=weight_decay, fused=fused_path, elementwise=elementwise)
     generator = torch.Generator().manual_seed(1)
     start = [p.detach().clone() for p in regular + matrices]
     # correlated gradients (a fixed part + noise): M / (sqrt(V) + eps), uncorrected, grows over the first
@@ -182,13 +182,11 @@ def test_fused_flag_reaches_the_optimizer_through_build_optimizer():
 
 @pytest.mark.slow  # compiles three kernels (about a minute on a loaded 2-core CPU)
 def test_compiled_elementwise_step_is_as_close_to_float64_as_foreach(monkeypatch):
-    """fused.ELEMENTWISE 'compiled' (the moments and direction in one generated kernel per tensor) rounds
+    """elementwise="compiled" (the moments and direction in one generated kernel per tensor) rounds
     differently from the plain path, so both fast paths are measured against the float64 plain run."""
     cls, lowrank = CONFIGS["apollo channel"]
-    monkeypatch.setitem(fused.ELEMENTWISE, "cpu", "compiled")
-    compiled, start, compiled_opt = _run(cls, lowrank, torch.float32, True)
-    monkeypatch.setitem(fused.ELEMENTWISE, "cpu", "foreach")
-    foreach, _, foreach_opt = _run(cls, lowrank, torch.float32, True)
+    compiled, start, compiled_opt = _run(cls, lowrank, torch.float32, True, elementwise="compiled")
+    foreach, _, foreach_opt = _run(cls, lowrank, torch.float32, True, elementwise="foreach")
     exact, _, _ = _run(cls, lowrank, torch.float64, False, values=torch.float32)
     eps = torch.finfo(torch.float32).eps
     for a, b, ref, w0 in zip(compiled, foreach, exact, start):
@@ -198,3 +196,34 @@ def test_compiled_elementwise_step_is_as_close_to_float64_as_foreach(monkeypatch
     moments = [(compiled_opt.state[p]["exp_avg"], foreach_opt.state[q]["exp_avg"])
                for p, q in zip(compiled_opt.param_groups[1]["params"], foreach_opt.param_groups[1]["params"])]
     assert all(torch.allclose(m, n, rtol=1e-5, atol=1e-7) for m, n in moments)
+
+
+@pytest.mark.parametrize("shape, side", [((512, 256), "right"), ((256, 512), "left")])
+def test_a_rank_one_product_split_over_the_threads_is_the_product(monkeypatch, shape, side):
+    """fused._project splits a large float32 rank-1 projection into one block of G's rows per thread: the
+    result is the float64 product within float32 round-off, and the split path is the one that ran."""
+    from apollo.projection import project
+    generator = torch.Generator().manual_seed(0)
+    grad = torch.randn(shape, generator=generator)
+    proj = torch.randn((1, shape[1]) if side == "right" else (shape[0], 1), generator=generator)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *args: calls.append(args[0].shape) or bmm(*args))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        split = fused._project(grad, proj, side)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 1 and calls[0][0] == 4  # four blocks
+    exact = project(grad.double(), proj.double(), side)
+    assert split.shape == exact.shape == ((shape[0], 1) if side == "right" else (1, shape[1]))
+    assert ((split.double() - exact).norm() / exact.norm()).item() < 1e-6
+    # below the size threshold, at bfloat16, or with rows that do not divide: torch's own product, same bits
+    torch.set_num_threads(4)
+    try:
+        for g, p in [(grad[:3], proj if side == "right" else proj[:3]), (grad.bfloat16(), proj.bfloat16())]:
+            assert torch.equal(fused._project(g, p, side), project(g, p, side))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 1

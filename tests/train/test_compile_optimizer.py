@@ -1,6 +1,7 @@
 """--compile_optimizer: the fused APOLLO step's low-rank moments and channel norms in one compiled kernel per weight
-(apollo.fused.ELEMENTWISE "compiled"): the losses equal the foreach step's within float round-off, the compiled
-path is the one taken, a compiled run resumes bit-identically, and what it cannot serve is refused in one line.
+(the optimizer built with elementwise="compiled"): the losses equal the foreach step's within float round-off, the
+compiled path is the one taken, a compiled run resumes bit-identically and leaves the process's default mode
+alone, and what it cannot serve is refused in one line.
 """
 import pytest
 import torch
@@ -14,21 +15,12 @@ from train import __main__ as cli
 APOLLO = {"optimizer": "apollo", "rank": 4, "update_proj_gap": 2}
 
 
-@pytest.fixture
-def restore_elementwise():
-    """--compile_optimizer sets the mode process-wide (a training process runs one run): put it back for the rest."""
-    saved = dict(fused.ELEMENTWISE)
-    yield
-    fused.ELEMENTWISE.clear()
-    fused.ELEMENTWISE.update(saved)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, c4_dir, tokenizer_dir):
     """A foreach and a compiled 6-update APOLLO run of the same config (checkpoints at 3 and 6), and how many
     weights the compiled one sent through the compiled moments-and-factor kernel."""
     folder = tmp_path_factory.mktemp("compile_optimizer")
-    saved, original = dict(fused.ELEMENTWISE), fused._compiled_adam_channel_factor
+    original = fused._compiled_adam_channel_factor
     calls = []
 
     def counted(*args):
@@ -49,8 +41,7 @@ def runs(tmp_path_factory, c4_dir, tokenizer_dir):
         result["resumed"] = {"run": resumed}
     finally:
         fused._compiled_adam_channel_factor = original
-        fused.ELEMENTWISE.clear()
-        fused.ELEMENTWISE.update(saved)
+    result["default_after"] = dict(fused.ELEMENTWISE)
     return result
 
 
@@ -65,6 +56,8 @@ def test_compiled_moments_give_the_foreach_losses_within_round_off(runs):
     assert runs["foreach"]["calls"] == 0  # the default path never reaches the compiled kernel
     # 6 updates x the tiny model's 14 attention/MLP matrices (2 layers x 7), every one through the kernel
     assert runs["compiled"]["calls"] == 6 * 14
+    # the choice is the run's optimizer's, not the process's: the default mode is untouched
+    assert runs["default_after"] == {"cpu": "foreach"}
 
 
 def test_a_compiled_optimizer_run_resumes_bit_identically(runs):
@@ -85,10 +78,14 @@ FUSED = ", ".join(name for name in apollo.optimizer_names() if apollo.get_spec(n
     ({**APOLLO, "weight_quant": True, "weight_group_size": 32},
      "--compile_optimizer does not combine with --weight_quant: int8 weights take the plain step"),
 ])
-def test_what_it_cannot_compile_is_refused_in_one_line(tmp_path, c4_dir, tokenizer_dir, capsys, flags, line,
-                                                       restore_elementwise):
+def test_what_it_cannot_compile_is_refused_in_one_line(tmp_path, c4_dir, tokenizer_dir, capsys, flags, line):
     argv = tiny_args(tmp_path, c4_dir, tokenizer_dir, tmp_path / "run", compile_optimizer=True, **flags)
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.strip() == f"error: {line}"
     assert not (tmp_path / "run").exists()
-    assert fused.ELEMENTWISE == {"cpu": "foreach"}
+
+
+def test_an_unknown_elementwise_mode_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"elementwise must be one of \('foreach', 'compiled'\) or None"):
+        apollo.build_optimizer("apollo", model, lr=1e-3, rank=2, target_modules=["0"], elementwise="inductor")
