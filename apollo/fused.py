@@ -225,11 +225,12 @@ def _project(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
     r"""`projection.project`, with a float32/float64 rank-1 product on the CPU split over torch's threads.
 
     A rank-1 projection is a matrix-vector product, and BLAS's (MKL's sgemv/dgemv) runs it on one thread
-    here: 12.0 ms for 24 float32 gradients of 2048 x 768, against 5.3 ms for the same product as a batch of
-    ``torch.get_num_threads()`` blocks of rows (``torch.bmm``, one block per thread; 2 threads). Right
-    (R = G p, (m, 1)): each block gives its own rows of R. Left (R = p^T G, (1, n)): the blocks' partial
-    products :math:`\sum_b p_b^T G_b` are added, the same sum in another order. bfloat16 keeps torch's own
-    product, already the faster one (5.2 against 7.8 ms).
+    here: 30.2 ms (G p) and 19.3 ms (p^T G) for 60 float32 gradients of 2048 x 768 read from memory, against
+    13.4 and 13.9 ms for the same products as a batch of ``torch.get_num_threads()`` blocks of rows
+    (``torch.bmm``, one block per thread; 2 threads; `benchmarks/cpu_streams.py`). Right (R = G p, (m, 1)):
+    each block gives its own rows of R. Left (R = p^T G, (1, n)): the blocks' partial products
+    :math:`\sum_b p_b^T G_b` are added, the same sum in another order. bfloat16 keeps torch's own product,
+    already the faster one (5.2 against 7.8 ms for 24 gradients of 2048 x 768).
     """
     blocks = torch.get_num_threads()
     rows = grad.shape[0]

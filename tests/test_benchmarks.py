@@ -7,6 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import cpu_streams  # noqa: E402
 import optimizer_step  # noqa: E402
 import optimizer_step_phases  # noqa: E402
 
@@ -136,3 +137,19 @@ def test_every_registered_optimizer_is_a_row_built_with_its_refresh_interval(tin
         if option is not None:
             values = {group[option] for group in optimizer.param_groups if option in group}
             assert values == {7}, (name, values)
+
+
+def test_cpu_streams_counts_the_bytes_each_operation_must_move(capsys):
+    """Each row's MB is its passes x the matrices' float32 bytes: 1 for a read-only reduction or a projection,
+    2 for W *= 1, 3 for W += a G, 7 for AdamW (G, W, M, V read; W, M, V written)."""
+    results = cpu_streams.rows((256, 384), count=2, rounds=1)
+    one_pass = 2 * 256 * 384 * 4 / 1e6
+    passes = {name: mb / one_pass for name, _, mb in results}
+    assert passes == pytest.approx({
+        "read: sum(G)": 1, "read: dot(G, G) (BLAS)": 1, "read + write: W *= 1": 2, "read + write: W += a G": 3,
+        "read + write: torch fused AdamW": 7, "rank-1 right, torch (G p)": 1, "rank-1 right, split (fused._project)": 1,
+        "rank-1 left, torch (p^T G)": 1, "rank-1 left, split (fused._project)": 1})
+    assert all(ms > 0 for _, ms, _ in results)
+    with pytest.raises(SystemExit):
+        cpu_streams.main(["--count", "0"])
+    assert "--shape, --count and --rounds must be >= 1" in capsys.readouterr().err
