@@ -1,4 +1,5 @@
 """The optimizer-step benchmarks run and time what they say (benchmarks/optimizer_step*.py)."""
+import collections
 import sys
 from pathlib import Path
 
@@ -97,7 +98,9 @@ def test_anchor_that_cannot_run_says_why_and_one_that_runs_steps(monkeypatch):
     import anchors
 
     generator = torch.Generator().manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 32), torch.nn.LayerNorm(32))
+    # named as apollo.param_groups' default targets choose them ("attn", "mlp")
+    model = torch.nn.Sequential(collections.OrderedDict(
+        attn=torch.nn.Linear(32, 48), mlp=torch.nn.Linear(48, 32), norm=torch.nn.LayerNorm(32)))
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=generator)
     before = [p.detach().clone() for p in model.parameters()]
