@@ -119,6 +119,12 @@ class BaseOptimizer(CheckedGroups, Optimizer):
         self._step_parameters()
         return loss
 
+    def step_options(self) -> dict:
+        """The constructor's keyword options that are not group keys (how the step is computed, e.g. ``fused``):
+        what another optimizer of this class needs to step as this one does (`LayerwiseOptimizer` builds one per
+        parameter). None here; subclasses with such options return them."""
+        return {}
+
     def _step_parameters(self) -> None:
         """One update of every parameter that has a gradient (under no_grad)."""
         raise NotImplementedError(f"{type(self).__name__} defines no update")

@@ -174,6 +174,9 @@ class GaLoreAdamW8bit(GaLore):
                          fused=False)
         self.defaults["min_8bit_size"] = min_8bit_size
 
+    def step_options(self) -> dict:
+        return {}  # always the plain step (bitsandbytes' kernel); min_8bit_size is a group key
+
     def _check_group(self, group: dict[str, Any], name: str) -> None:
         group.setdefault("min_8bit_size", self._min_8bit_size)
         super()._check_group(group, name)

@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import quant
+from .base import BaseOptimizer
 from .registry import build_optimizer
 
 
@@ -82,7 +83,9 @@ class LayerwiseOptimizer:
                 single = dict(settings, params=[param])
                 if group.get("rank") is not None:  # the joint optimizer's seed rule (APOLLO._initial_seed)
                     single["initial_seed"] = group.get("initial_seed", position - index) + index
-                optimizer = type(joint)([single])
+                # how the joint optimizer computes its step (fused, elementwise: not group keys) carries over
+                options_of_step = joint.step_options() if isinstance(joint, BaseOptimizer) else {}
+                optimizer = type(joint)([single], **options_of_step)
                 self.names.append(names[id(param)])
                 self.optimizers.append(optimizer)
                 if lr_lambda is not None:

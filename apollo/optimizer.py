@@ -117,6 +117,9 @@ class _LowRankAdam(BaseOptimizer):
         self.elementwise = elementwise
         super().__init__(params, defaults)
 
+    def step_options(self) -> dict:
+        return {"fused": self.fused, "elementwise": self.elementwise}
+
     # ----------------------------------------------------------------- groups
     def _check_group(self, group: dict[str, Any], name: str) -> None:
         check_hyperparameters(group, name, keys=("lr",))

@@ -19,6 +19,7 @@ import torch
 import apollo
 from apollo.__main__ import main as apollo_main
 from apollo.layerwise import LayerwiseOptimizer
+from apollo.base import BaseOptimizer
 from tests.conftest import TINY_LLAMA
 
 NAMES = apollo.optimizer_names()
@@ -272,6 +273,18 @@ def test_layerwise_equals_joint_or_is_refused(name, tiny_llama):
     _train(layer_model, layerwise, 0, 3, layerwise=True)
     _assert_same_weights(joint_model, layer_model)
     assert apollo.optimizer_state_bytes(layerwise) == apollo.optimizer_state_bytes(joint)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_options_are_options_its_constructor_takes(name, tiny_llama):
+    """LayerwiseOptimizer rebuilds each layer's optimizer from the joint one's groups and `step_options()`:
+    the class must take them back and report the same ones."""
+    optimizer = _build(name, tiny_llama())
+    if not isinstance(optimizer, BaseOptimizer):
+        return  # torch's classes keep every option in their groups
+    groups = [dict(group) for group in optimizer.param_groups]
+    rebuilt = type(optimizer)(groups, **optimizer.step_options())
+    assert rebuilt.step_options() == optimizer.step_options()
 
 
 # ------------------------------------------------------------------------------------------ int8 weights

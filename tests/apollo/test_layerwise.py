@@ -141,3 +141,15 @@ def test_layerwise_with_activation_checkpointing_equals_joint(quantized):
     _joint(joint_model, "apollo_mini")
     _layerwise(layer_model, "apollo_mini")
     _assert_same_weights(joint_model, layer_model)
+
+
+@pytest.mark.parametrize("options", [{"fused": False}, {"elementwise": "compiled"}, {}])
+def test_the_joint_optimizers_step_options_carry_to_every_layer(options):
+    """fused and elementwise are not group keys: each per-parameter optimizer gets them from the joint one
+    (they were dropped, so --layerwise ran the fused foreach step whatever was asked)."""
+    model = _model()
+    layerwise = LayerwiseOptimizer(model, "apollo", lr=0.01, rank=4, **options)
+    expected = {"fused": True, "elementwise": None, **options}
+    assert len(layerwise.optimizers) == len(list(model.parameters()))
+    assert all(optimizer.step_options() == expected for optimizer in layerwise.optimizers)
+
