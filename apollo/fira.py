@@ -167,6 +167,8 @@ class Fira(_LowRankAdam):
     yet" (`functional.growth_limit`).
     """
 
+    takes_elementwise = False  # its fused path runs the plain per-matrix update (bit-identical)
+
     lowrank_defaults = {
         **_LowRankAdam.lowrank_defaults,
         "alpha": 0.25,

@@ -86,6 +86,9 @@ class _LowRankAdam(BaseOptimizer):
 
     #: Values a low-rank group takes for keys it does not set. Subclasses extend this.
     lowrank_defaults: dict[str, Any] = {"proj_type": "std", "update_proj_gap": 200}
+    #: Whether the fused step computes the low-rank moments through `fused.apollo_updates`/`galore_updates`,
+    #: which is what the ``elementwise`` option chooses the kernel of (Fira's step does not).
+    takes_elementwise = True
 
     def __init__(
         self,
@@ -111,6 +114,9 @@ class _LowRankAdam(BaseOptimizer):
         )
         # Not group keys: they change how the update is computed, not the update, and old state dicts lack them.
         self.fused = bool(fused)
+        if elementwise is not None and not self.takes_elementwise:
+            raise ValueError(f"{type(self).__name__}: its step has no compiled moment update; elementwise must be "
+                             f"None, got {elementwise!r}")
         if elementwise is not None and elementwise not in FF.ELEMENTWISE_MODES:
             raise ValueError(f"{type(self).__name__}: elementwise must be one of {FF.ELEMENTWISE_MODES} or None "
                              f"(the device's default), got {elementwise!r}")
@@ -118,7 +124,7 @@ class _LowRankAdam(BaseOptimizer):
         super().__init__(params, defaults)
 
     def step_options(self) -> dict:
-        return {"fused": self.fused, "elementwise": self.elementwise}
+        return {"fused": self.fused, **({"elementwise": self.elementwise} if self.takes_elementwise else {})}
 
     # ----------------------------------------------------------------- groups
     def _check_group(self, group: dict[str, Any], name: str) -> None:

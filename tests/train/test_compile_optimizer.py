@@ -89,3 +89,11 @@ def test_an_unknown_elementwise_mode_is_refused():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match=r"elementwise must be one of \('foreach', 'compiled'\) or None"):
         apollo.build_optimizer("apollo", model, lr=1e-3, rank=2, target_modules=["0"], elementwise="inductor")
+
+
+def test_fira_which_has_no_compiled_update_refuses_the_option():
+    from apollo.fira import Fira
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="Fira: its step has no compiled moment update; elementwise must be None"):
+        Fira([{"params": list(model.parameters())[:1], "rank": 2}], elementwise="compiled")
