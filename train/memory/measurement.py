@@ -7,8 +7,6 @@ built for real on the CPU, stepped under torch's profiler.
 """
 from __future__ import annotations
 
-import gc
-
 import torch
 
 import apollo
@@ -129,16 +127,14 @@ def _distributed_worker(rank: int, init_file: str, world_size: int, config, kwar
                 wrapped = shard_model(model, ctx, mixed_precision=False)
             else:
                 wrapped = wrap_model(model, ctx, bucket_view=mode == "ddp")
-            # DDP's start-up broadcast frees its flat buffer when gloo's work object goes: let every rank finish
-            # it, then end on an event of our own, so that "what the wrapper kept" is read after that free (a
-            # rank read it before now and then and counted the buffer as kept: one model size too much)
-            dist.barrier()
-            gc.collect()
-            marker = torch.empty(1)
-            del marker
-        # DDP's buckets (the broadcast's transient buffers are gone); FSDP2's new shards are counted below as
-        # the parameters' storage (freeing the whole tensors, allocated before the profile, is not seen)
+        # DDP's buckets; FSDP2's new shards are counted below as the parameters' storage (freeing the whole
+        # tensors, allocated before the profile, is not seen). DDP's start-up broadcast frees its flat buffer (one model size) when gloo lets go of it, which now and
+        # then is after the profile: that rank would count it as kept. The buckets are the same on every rank,
+        # so the smallest reading is the one without the buffer.
         kept = _allocation_trace(prof)[1] if mode != "fsdp" else 0
+        kept_tensor = torch.tensor([kept], dtype=torch.int64)
+        dist.all_reduce(kept_tensor, op=dist.ReduceOp.MIN)
+        kept = int(kept_tensor.item())
         opt = optimizer_for(model, name, rank=rank_option, state_dtype=state_dtype, options=options)
         ids, mask, labels = _batch(model.config.vocab_size, batch_size, max_length, packing, seed=1 + rank)
         peak = 0
