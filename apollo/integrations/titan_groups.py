@@ -104,21 +104,60 @@ def _any(*patterns: str) -> str:
     return patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
 
 
+class _ProbeLlama(torch.nn.Module):
+    """A transformers-style LLaMA skeleton in torch alone (a torchtitan environment has no transformers): the
+    module names, types and parameter order of ``LlamaForCausalLM`` (``model.embed_tokens``,
+    ``model.layers.N.self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, the RMSNorms, an untied
+    ``lm_head``) and the accessors the builders read; no forward (the builders only route parameters)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        width, inner, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+
+        def linear(fan_in: int, fan_out: int) -> torch.nn.Linear:
+            return torch.nn.Linear(fan_in, fan_out, bias=False)
+
+        layers = torch.nn.ModuleList()
+        for _ in range(config.num_hidden_layers):
+            layer = torch.nn.Module()
+            layer.self_attn = torch.nn.Module()
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(layer.self_attn, name, linear(width, width))
+            layer.mlp = torch.nn.Module()
+            layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj = (
+                linear(width, inner), linear(width, inner), linear(inner, width))
+            layer.input_layernorm, layer.post_attention_layernorm = torch.nn.RMSNorm(width), torch.nn.RMSNorm(width)
+            layers.append(layer)
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(vocab, width)
+        self.model.layers = layers
+        self.model.norm = torch.nn.RMSNorm(width)
+        self.lm_head = linear(width, vocab)
+        self.config = config
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self.model
+
+
 def _probe(hidden_size: int | None, rank: int | None) -> torch.nn.Module:
-    """A one-layer transformers LLaMA on the meta device (no memory) with every kind of `FqnPatterns` (untied head),
-    wide enough for `rank`. Without `hidden_size` its config has none, so a builder that would take a quarter of
-    it refuses (the default rank must come from the real model)."""
+    """A one-layer LLaMA on the meta device (no memory) with every kind of `FqnPatterns` (untied head), wide
+    enough for `rank`. Without `hidden_size` its config has none, so a builder that would take a quarter of it
+    refuses (the default rank must come from the real model)."""
     from types import SimpleNamespace
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     width = hidden_size or max(64, 4 * (rank or 0))
-    config = LlamaConfig(vocab_size=2 * width, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False)
+    config = dict(vocab_size=2 * width, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                  num_attention_heads=1, num_key_value_heads=1, head_dim=width, tie_word_embeddings=False)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = _ProbeLlama(SimpleNamespace(**config))
     if hidden_size is None:
-        model.config = SimpleNamespace(**{k: v for k, v in config.to_dict().items() if k != "hidden_size"})
+        model.config = SimpleNamespace(**{k: v for k, v in config.items() if k != "hidden_size"})
     return model
 
 

@@ -5,6 +5,7 @@ have `apollo.build_optimizer`'s param groups (same tensors, same order, same set
 same steps to the bit. The torchtitan side (the real container, DCP) is tests/apollo/test_torchtitan.py (slow).
 """
 import copy
+import sys
 import re
 
 import pytest
@@ -166,3 +167,31 @@ def test_a_registered_optimizer_gets_its_plan_from_its_builder(monkeypatch, tiny
     assert constructor == {}
     groups = titan_groups.route([(n, torch.nn.Parameter(torch.zeros(1))) for n in LLAMA3_NAMES], configs)["toy_sgd"]
     assert [g["param_names"] for g in groups] == [LLAMA3_NAMES[1:6], [LLAMA3_NAMES[0]] + LLAMA3_NAMES[6:]]
+
+
+
+def test_plans_need_no_transformers(monkeypatch):
+    """A torchtitan environment has torch and no transformers (tests/apollo/test_torchtitan.py builds one): the
+    plans come from a torch-only probe with transformers' LLaMA names, order and shapes, and equal the plans
+    built over transformers' own LlamaForCausalLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch_probe = titan_groups._probe
+
+    def transformers_probe(hidden_size, rank):
+        config = LlamaConfig(**vars(torch_probe(hidden_size, rank).config))
+        with torch.device("meta"):
+            return LlamaForCausalLM(config)
+
+    probe, reference = torch_probe(32, None), transformers_probe(32, None)
+    assert [(n, p.shape) for n, p in probe.named_parameters()] == [(n, p.shape) for n, p in reference.named_parameters()]
+    names = planned_names()
+    assert len(names) == len(apollo.optimizer_names()) - 1
+    with monkeypatch.context() as patch:
+        patch.setattr(titan_groups, "_probe", transformers_probe)
+        over_transformers = {name: titan_groups.group_plan(name, 1e-3, hidden_size=32) for name in names}
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ImportError):
+        import transformers  # noqa: F401
+    for name in names:
+        assert titan_groups.group_plan(name, 1e-3, hidden_size=32) == over_transformers[name], name
