@@ -17,10 +17,13 @@ from train.model import build_model, compile_layers, compiled_graphs, flops_per_
 
 
 @pytest.fixture(scope="module", autouse=True)
-def inductor_cache(request):
-    """A persistent inductor cache (pytest's cache folder) for this module's compiles."""
+def inductor_cache(request, tmp_path_factory):
+    """A persistent inductor cache (pytest's cache folder) for this module's compiles; a fresh folder when
+    pytest runs without its cache plugin (-p no:cacheprovider)."""
     previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(request.config.cache.mkdir("inductor"))
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("inductor") if cache is not None else tmp_path_factory.mktemp("inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     yield
     if previous is None:
         os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
