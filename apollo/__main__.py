@@ -14,16 +14,28 @@ import logging
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from .registry import REGISTRY, formula_state_bytes
 
 
 def _meta_model(config_path: str, dtype: torch.dtype) -> torch.nn.Module:
-    with open(config_path) as handle:
-        config = LlamaConfig(**json.load(handle))
+    """transformers' LLaMA of `config_path` on the meta device. ValueError (one line) for a missing file, a file
+    that is no JSON object, or no transformers (`import apollo` needs torch only; this table reads a LLaMA config)."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        raise ValueError("python -m apollo builds a transformers LLaMA from --model_config: pip install transformers") from None
+    try:
+        with open(config_path) as handle:
+            fields = json.load(handle)
+    except OSError as error:
+        raise ValueError(f"--model_config {config_path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model_config {config_path}: not JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"--model_config {config_path}: not a JSON object of LlamaConfig fields")
     with torch.device("meta"):
-        return LlamaForCausalLM(config).to(dtype)
+        return LlamaForCausalLM(LlamaConfig(**fields)).to(dtype)
 
 
 def rows(model: torch.nn.Module, rank: int | None = None) -> list[tuple[str, int | None, str]]:
@@ -47,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=None, help="rank of the low-rank optimizers (default: theirs)")
     args = parser.parse_args(argv)
     logging.getLogger("apollo").setLevel(logging.WARNING)  # the builders' routing lines
-    table = rows(_meta_model(args.model_config, getattr(torch, args.dtype)), args.rank)
+    try:
+        model = _meta_model(args.model_config, getattr(torch, args.dtype))
+    except ValueError as error:
+        parser.error(str(error))
+    table = rows(model, args.rank)
     adamw = dict((name, size) for name, size, _ in table).get("adamw")
     print(f"{args.model_config}, {args.dtype} weights: optimizer state by each spec's state_bytes formula "
           "(float32 states where the optimizer can keep them, else the weights' dtype)")

@@ -475,3 +475,18 @@ def test_fused_low_rank_is_whether_a_step_updates_whole_chunks_at_once(name, tin
     model = tiny_llama()
     _train(model, _build(name, model), 0, 1)
     assert bool(calls) == spec.fused_low_rank, f"{name}: {len(calls)} chunk-wide updates, spec says {spec.fused_low_rank}"
+
+
+@pytest.mark.parametrize("text, line", [
+    (None, "--model_config {path}: No such file or directory"),
+    ("[1, 2]", "--model_config {path}: not a JSON object of LlamaConfig fields"),
+    ("{bad", "--model_config {path}: not JSON (Expecting property name enclosed in double quotes, line 1)"),
+])
+def test_python_m_apollo_refuses_a_bad_model_config_in_one_line(tmp_path, capsys, text, line):
+    path = tmp_path / "config.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        apollo_main(["--model_config", str(path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "python -m apollo: error: " + line.format(path=path)
