@@ -230,8 +230,8 @@ def _project(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
     (``torch.bmm``, one block per thread; 2 threads; `benchmarks/cpu_streams.py`). Right (R = G p, (m, 1)):
     each block gives its own rows of R. Left (R = p^T G, (1, n)): the blocks' partial products
     :math:`\sum_b p_b^T G_b` are added, the same sum in another order (one that follows the thread count, as
-    BLAS's matrix products' orders do: bit-identical runs need the same threads). bfloat16 keeps torch's own product,
-    already the faster one (5.2 against 7.8 ms for 24 gradients of 2048 x 768).
+    BLAS's matrix products' orders do: bit-identical runs need the same threads). bfloat16 keeps torch's own
+    product, already the faster one (5.2 against 7.8 ms for 24 gradients of 2048 x 768).
     """
     blocks = torch.get_num_threads()
     rows = grad.shape[0]

@@ -128,9 +128,10 @@ def _distributed_worker(rank: int, init_file: str, world_size: int, config, kwar
             else:
                 wrapped = wrap_model(model, ctx, bucket_view=mode == "ddp")
         # DDP's buckets; FSDP2's new shards are counted below as the parameters' storage (freeing the whole
-        # tensors, allocated before the profile, is not seen). DDP's start-up broadcast frees its flat buffer (one model size) when gloo lets go of it, which now and
-        # then is after the profile: that rank would count it as kept. The buckets are the same on every rank,
-        # so the smallest reading is the one without the buffer.
+        # tensors, allocated before the profile, is not seen). DDP's start-up broadcast frees its flat buffer
+        # (one model size) when gloo lets go of it, which now and then is after the profile: that rank would
+        # count it as kept. The buckets are the same on every rank, so the smallest reading is the one without
+        # the buffer.
         kept = _allocation_trace(prof)[1] if mode != "fsdp" else 0
         kept_tensor = torch.tensor([kept], dtype=torch.int64)
         dist.all_reduce(kept_tensor, op=dist.ReduceOp.MIN)
